@@ -1,0 +1,145 @@
+"""Checkpoint I/O: the native safetensors format, and import of the public implementation's
+trainer checkpoints. Nothing here unpickles arbitrary objects."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import CoordTokConfig, preset, PRESETS
+from model.coordtok import CoordTok
+
+FORMAT = "coordtok"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+
+# Public implementation name (after its DDP `module.` prefix) -> our name. First match wins.
+_OFFICIAL_RENAMES = [
+    (r"^weight_tokens_(xy|yt|xt)$", r"encoder.planes.\1.query"),
+    (r"^encoder\.encoder\.patch_embed\.proj\.", "encoder.video_patch_embed."),
+    (r"^encoder\.encoder\.cls_token$", "encoder.cls_token"),
+    (r"^encoder\.encoder\.pos_emb$", "encoder.video_pos_embed"),
+    (r"^encoder\.encoder\.layers\.", "encoder.video_blocks."),
+    (r"^encoder\.encoder\.norm\.", "encoder.video_norm."),
+    (r"^encoder\.cross_pos_emb$", "encoder.memory_pos_embed"),
+    (r"^encoder\.patch_embeds_(xy|yt|xt)\.proj\.", r"encoder.planes.\1.embed."),
+    (r"^encoder\.projectors_(xy|yt|xt)\.", r"encoder.planes.\1.project."),
+    (r"^encoder\.transformer\.layers\.(\d+)\.(cross_attn|self_attn)\.in_proj_(weight|bias)$",
+     r"encoder.cross_blocks.\1.\2.qkv.\3"),
+    (r"^encoder\.transformer\.layers\.(\d+)\.(cross_attn|self_attn)\.out_proj\.", r"encoder.cross_blocks.\1.\2.proj."),
+    (r"^encoder\.transformer\.layers\.(\d+)\.mlp\.0\.", r"encoder.cross_blocks.\1.mlp.fc1."),
+    (r"^encoder\.transformer\.layers\.(\d+)\.mlp\.3\.", r"encoder.cross_blocks.\1.mlp.fc2."),
+    (r"^encoder\.transformer\.layers\.", "encoder.cross_blocks."),
+    (r"^encoder\.transformer\.norm\.", "encoder.cross_norm."),
+    (r"^decoder\.transformer\.pos_embed$", "decoder.pos_embed"),
+    (r"^decoder\.transformer\.patch_embed\.", "decoder.embed."),
+    (r"^decoder\.transformer\.layers\.", "decoder.blocks."),
+    (r"^decoder\.transformer\.norm\.", "decoder.norm."),
+    (r"^decoder\.projector\.", "decoder.to_pixels."),
+]
+# Training-only modules of the public implementation that a tokenizer does not need.
+_OFFICIAL_DROPPED = re.compile(r"^decoder\.lpips_loss\.")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_model(model: CoordTok, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write weights as safetensors with the config as JSON in the header metadata."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    header = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load_model(
+    path_or_preset: str | Path | None = None, device: str | torch.device | None = None, seed: int = 0
+) -> CoordTok:
+    """Load native weights (a .safetensors path), or build a preset with random weights (seeded).
+
+    With no argument, loads the bundled default model. The model is returned in eval mode.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CoordTok(preset(path_or_preset))
+        return model.to(device).eval()
+    path = Path(path_or_preset) if path_or_preset is not None else DEFAULT_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}; pass a .safetensors path or one of {sorted(PRESETS)}")
+    metadata = read_metadata(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(f"{path} is not a CoordTok safetensors file (its header lacks the config)")
+    model = CoordTok(CoordTokConfig.from_json(metadata["config"]))
+    with safe_open(str(path), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    _load_state(model, state, source=str(path))
+    return model.to(device).eval()
+
+
+def official_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """Map a public-implementation checkpoint ({'model': state_dict, ...} or a bare state
+    dict, keys optionally prefixed `module.`) to this project's parameter names."""
+    state = checkpoint.get("model", checkpoint)
+    renamed = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("module.")
+        if _OFFICIAL_DROPPED.match(key):
+            continue
+        for pattern, replacement in _OFFICIAL_RENAMES:
+            new_key, count = re.subn(pattern, replacement, key)
+            if count:
+                key = new_key
+                break
+        renamed[key] = tensor
+    return renamed
+
+
+def load_official(
+    checkpoint_path: str | Path, config_path: str | Path, device: str | torch.device | None = None
+) -> CoordTok:
+    """Load a checkpoint of the public implementation's trainer with its constructor config
+    (JSON of its keyword arguments). The model reproduces the reference's behaviour exactly
+    (`reference_compat`)."""
+    config = CoordTokConfig.from_official(json.loads(Path(config_path).read_text()))
+    checkpoint = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{checkpoint_path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    model = CoordTok(config)
+    _load_state(model, official_state_dict(checkpoint), source=str(checkpoint_path))
+    device = torch.device(device) if device is not None else default_device()
+    return model.to(device).eval()
+
+
+def _load_state(model: CoordTok, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if mismatched:
+            problems.append(f"shape mismatch {mismatched[:3]}")
+        raise ValueError(f"{source} does not match the model config: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

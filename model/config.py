@@ -1,0 +1,157 @@
+"""CoordTok configuration: one frozen dataclass and the named presets.
+
+Shapes follow the paper: a video of `frames x height x width` RGB pixels is encoded into a
+triplane of `latent_channels` features per cell, with planes
+`xy [latent_res_xy, latent_res_xy]`, `yt [latent_res_t, latent_res_xy]` and
+`xt [latent_res_t, latent_res_xy]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CoordTokConfig:
+    # Video the model was built for: frames x height x width.
+    frames: int = 128
+    height: int = 128
+    width: int = 128
+
+    # Encoder: 3D patch embedding, a ViT over the video patches, then cross-attention blocks in
+    # which the triplane query tokens attend to the video tokens.
+    enc_dim: int = 1024
+    enc_heads: int = 16
+    enc_patch_t: int = 8
+    enc_patch_xy: int = 16
+    enc_vit_layers: int = 8
+    enc_cross_layers: int = 24
+
+    # Triplane: resolutions, channels, and the patch size of the query tokens per plane.
+    latent_res_xy: int = 16
+    latent_res_t: int = 32
+    latent_channels: int = 8
+    latent_patch_xy: int = 8
+    latent_patch_t: int = 16
+
+    # Decoder: a ViT over the sampled patch features, projected to pixels.
+    dec_dim: int = 1024
+    dec_heads: int = 16
+    dec_layers: int = 24
+    dec_patch_t: int = 1
+    dec_patch_xy: int = 8
+
+    # decode_video slices the video into this many frames per decoder pass (stage-2 view size).
+    decode_slice_frames: int = 16
+
+    # Reproduce two behaviours of the public implementation (its checkpoints need them):
+    # the padding mask is added to the attention logits as +1.0 instead of excluding padded
+    # tokens, and position indices are recovered from coordinates by truncation.
+    reference_compat: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "frames % enc_patch_t": self.frames % self.enc_patch_t,
+            "height % enc_patch_xy": self.height % self.enc_patch_xy,
+            "width % enc_patch_xy": self.width % self.enc_patch_xy,
+            "frames % dec_patch_t": self.frames % self.dec_patch_t,
+            "height % dec_patch_xy": self.height % self.dec_patch_xy,
+            "width % dec_patch_xy": self.width % self.dec_patch_xy,
+            "latent_res_xy % latent_patch_xy": self.latent_res_xy % self.latent_patch_xy,
+            "latent_res_t % latent_patch_t": self.latent_res_t % self.latent_patch_t,
+            "enc_dim % enc_heads": self.enc_dim % self.enc_heads,
+            "dec_dim % dec_heads": self.dec_dim % self.dec_heads,
+            "decode_slice_frames % dec_patch_t": self.decode_slice_frames % self.dec_patch_t,
+        }
+        bad = [name for name, remainder in checks.items() if remainder]
+        if bad:
+            raise ValueError(f"CoordTokConfig: these must divide evenly: {', '.join(bad)}")
+        if not 1 <= self.decode_slice_frames <= self.frames:
+            raise ValueError("CoordTokConfig: decode_slice_frames must be in [1, frames]")
+
+    @property
+    def tokens(self) -> int:
+        """Latent cells per clip: Rxy^2 + 2 * Rt * Rxy (1,280 for the paper's model)."""
+        return self.latent_res_xy**2 + 2 * self.latent_res_t * self.latent_res_xy
+
+    @property
+    def patch_values(self) -> int:
+        """Pixel values per decoded patch: pt * px * py * 3."""
+        return self.dec_patch_t * self.dec_patch_xy**2 * 3
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CoordTokConfig:
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"CoordTokConfig: unknown fields {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_official(cls, kwargs: dict) -> CoordTokConfig:
+        """Map the public implementation's constructor arguments (its `config.json`)."""
+        frames, height, width = kwargs["video_shape"]
+        if kwargs.get("enc_patch_type", "transformer") != "transformer":
+            raise ValueError("only enc_patch_type='transformer' exists in the public implementation")
+        if height != width:
+            raise ValueError("the public implementation's encoder only supports square frames")
+        patches_per_frame = (height // kwargs["dec_patch_size_xy"]) ** 2
+        # The reference fine-tunes on 4,096 patches per video: 16 frames at 128x128 / 8x8.
+        stage2_frames = max(1, 4096 // patches_per_frame) * kwargs["dec_patch_size_t"]
+        return cls(
+            frames=frames,
+            height=height,
+            width=width,
+            enc_dim=kwargs["enc_embed_dim"],
+            enc_heads=kwargs["enc_num_heads"],
+            enc_patch_t=kwargs["enc_patch_size_t"],
+            enc_patch_xy=kwargs["enc_patch_size_xy"],
+            enc_vit_layers=kwargs["enc_patch_num_layers"],
+            enc_cross_layers=kwargs["enc_num_layers"],
+            latent_res_xy=kwargs["latent_resolution_xy"],
+            latent_res_t=kwargs["latent_resolution_t"],
+            latent_channels=kwargs["latent_n_features"],
+            latent_patch_xy=kwargs["latent_patch_size_xy"],
+            latent_patch_t=kwargs["latent_patch_size_t"],
+            dec_dim=kwargs["dec_embed_dim"],
+            dec_heads=kwargs["dec_num_heads"],
+            dec_layers=kwargs["dec_num_layers"],
+            dec_patch_t=kwargs["dec_patch_size_t"],
+            dec_patch_xy=kwargs["dec_patch_size_xy"],
+            decode_slice_frames=min(frames, stage2_frames),
+            reference_compat=True,
+        )
+
+
+# The paper's model (CoordTok-L) and the scaled-down sizes of its model-size study. The paper
+# names S/B/L without their widths; S and B follow the ViT-S/B widths and depths (our choice).
+PRESETS: dict[str, CoordTokConfig] = {
+    "coordtok-l": CoordTokConfig(),
+    "coordtok-b": CoordTokConfig(
+        enc_dim=768, enc_heads=12, enc_vit_layers=6, enc_cross_layers=12,
+        dec_dim=768, dec_heads=12, dec_layers=12,
+    ),
+    "coordtok-s": CoordTokConfig(
+        enc_dim=384, enc_heads=6, enc_vit_layers=4, enc_cross_layers=8,
+        dec_dim=384, dec_heads=6, dec_layers=8,
+    ),
+    # Trains and serves on a 2-core CPU: same video and triplane shapes as the paper's model
+    # (1,280 tokens per 128-frame clip), narrow and shallow networks, smaller query patches.
+    "coordtok-tiny": CoordTokConfig(
+        enc_dim=128, enc_heads=4, enc_vit_layers=2, enc_cross_layers=4,
+        latent_patch_xy=4, latent_patch_t=8,
+        dec_dim=128, dec_heads=4, dec_layers=4,
+    ),
+}
+
+
+def preset(name: str) -> CoordTokConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
