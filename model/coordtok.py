@@ -135,8 +135,9 @@ class CoordTok(nn.Module):
                 nn.init.trunc_normal_(param, std=0.02)
 
     def encode(self, video: torch.Tensor, n_frames: torch.Tensor | None = None) -> Triplane:
-        """video [B, T, H, W, 3] in [-1, 1] (T <= frames; missing frames are padded with -1),
-        n_frames [B] or [B, 1] valid frames per clip (default T) -> Triplane."""
+        """video [B, T, H, W, 3] in [-1, 1] (T <= frames), n_frames [B] or [B, 1] valid frames
+        per clip (default T) -> Triplane. Frames at or past n_frames are padding: they are set to
+        -1 (the paper's padding value), so their content never matters."""
         c = self.config
         if video.dim() != 5 or tuple(video.shape[2:]) != (c.height, c.width, 3) or not 1 <= video.shape[1] <= c.frames:
             raise ValueError(f"video must be [B, T<={c.frames}, {c.height}, {c.width}, 3], got {tuple(video.shape)}")
@@ -148,6 +149,8 @@ class CoordTok(nn.Module):
             raise ValueError(f"n_frames must be in [1, {t}], got {n_frames.tolist()}")
         if t < c.frames:
             video = torch.cat([video, video.new_full((b, c.frames - t, *video.shape[2:]), -1.0)], dim=1)
+        padded = torch.arange(c.frames, device=video.device)[None, :] >= n_frames[:, None]  # [B, frames]
+        video = video.masked_fill(padded[:, :, None, None, None], -1.0)
         return self.encoder(video, n_frames)
 
     def decode(self, triplane: Triplane, coords: torch.Tensor) -> torch.Tensor:
