@@ -1,0 +1,1 @@
+"""The CoordTok inference service and the `coordtok` command."""

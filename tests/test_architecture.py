@@ -1,0 +1,42 @@
+"""Dependencies point one way: kernels <- model <- trainer, service (see README)."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("kernels", "model", "trainer", "service")
+# package -> project packages it may import
+ALLOWED = {
+    "kernels": set(),
+    "model": {"kernels"},
+    "trainer": {"kernels", "model", "service.media"},
+    "service": {"kernels", "model", "service"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def allowed(package: str, module: str) -> bool:
+    top = module.split(".")[0]
+    if top not in PACKAGES or top == package:
+        return True
+    return any(module == a or module.startswith(a + ".") or a == top for a in ALLOWED[package])
+
+
+def test_imports_respect_the_layering():
+    violations = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        for module in imported_modules(path)
+        if not allowed(package, module)
+    ]
+    assert violations == []
