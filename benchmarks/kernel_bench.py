@@ -4,7 +4,7 @@ Run from the repository root::
 
     python benchmarks/kernel_bench.py                       # CUDA if available, else CPU
     python benchmarks/kernel_bench.py --quick               # CPU smoke run (N=2048), < 1 min
-    python benchmarks/kernel_bench.py --dtype bf16 --json results/kernels.json
+    python benchmarks/kernel_bench.py --dtype bf16 --json benchmarks/results/kernel_h100.json
     python benchmarks/kernel_bench.py --variants reference triton --peak-gbps 3350
 
 Variants (each timed for the forward pass and for forward + backward w.r.t. the planes):
@@ -27,7 +27,8 @@ Shapes: B=16, N=16384 queries per video, (Rxy, Rt, C) = (16, 32, 8) and
 Columns:
 
 * ``ms``: median time of one call. CUDA: ``triton.testing.do_bench``
-  (median); CPU: ``time.perf_counter`` over ``--repeats`` runs after warm-up.
+  (median); CPU: ``time.perf_counter`` over ``--repeats`` runs after
+  ``--warmup`` runs (:func:`benchmarks.common.time_it`).
 * ``GB/s``: ideal bytes / time. Forward bytes: coords (12 B per query) +
   output (3C elements per query) + the three planes read once per video.
   Forward + backward adds coords read again, grad_out read (3C per query) and
@@ -36,18 +37,15 @@ Columns:
 * ``floor ms`` and ``% peak`` (CUDA only): floor = bytes / ``--peak-gbps``
   (default 3350 GB/s, H100 SXM HBM3); ``% peak`` = floor / time.
 
-``--json PATH`` also writes the rows with machine info (device name, CPU
-model, torch / triton / Python versions; no hostname).
+``--json PATH`` also writes the rows with machine info (GPU name or CPU
+model, torch / triton / Python versions; no hostname), see
+:func:`benchmarks.common.machine`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,10 +53,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine, print_table, time_it, write_json  # noqa: E402
 from kernels import triplane_sample, triplane_sample_reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,6 +68,8 @@ Sampler = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class Shape:
+    """B videos, N queries per video, plane resolutions Rxy and Rt, C channels."""
+
     b: int
     n: int
     rxy: int
@@ -84,6 +82,8 @@ class Shape:
 
 @dataclass
 class Row:
+    """One table row; ``error`` is set instead of the timings when a variant fails."""
+
     shape: str
     variant: str
     pass_: str
@@ -117,6 +117,7 @@ def triplane_sample_grid_sample(xy, yt, xt, coords):
 
 
 def make_sampler(variant: str) -> Sampler:
+    """The (xy, yt, xt, coords) -> [B, N, 3C] callable of one variant."""
     if variant == "reference":
         return triplane_sample_reference
     if variant == "grid_sample":
@@ -174,106 +175,76 @@ def timer(device: torch.device, warmup: int, repeats: int) -> Callable[[Callable
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, return_mode="median")
+    return lambda fn: 1e3 * time_it(fn, device, repeats=repeats, warmup=warmup)
 
-    def cpu_time(fn):
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples) * 1e3
 
-    return cpu_time
+def _describe(exc: Exception) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}"
+
+
+def _workload(sampler: Sampler, planes, coords, grad_out, backward: bool) -> Callable[[], None]:
+    """One forward (no autograd graph) or one forward + backward w.r.t. the planes."""
+    if backward:
+        return lambda: torch.autograd.grad(sampler(*planes, coords), planes, grad_out)
+
+    def forward():
+        with torch.no_grad():
+            sampler(*planes, coords)
+
+    return forward
 
 
 def bench_shape(shape, variants, dtype, device, measure, peak_gbps) -> list[Row]:
+    """Check, then time every variant on one shape, forward and forward + backward."""
     planes, coords, grad_out = make_inputs(shape, dtype, device)
-    rows, reference_ms = [], {}
+    rows = []
     for variant in variants:
         try:
             sampler = make_sampler(variant)
-            mismatch = check_against_reference(sampler, planes, coords, grad_out)
+            error = None
+            if variant != "reference":
+                error = check_against_reference(sampler, planes, coords, grad_out)
         except Exception as exc:  # noqa: BLE001 - a failing variant becomes a row
-            mismatch = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            error = _describe(exc)
         for backward in (False, True):
-            pass_ = "fwd+bwd" if backward else "fwd"
-            row = Row(str(shape), variant, pass_, error=mismatch)
+            row = Row(str(shape), variant, "fwd+bwd" if backward else "fwd", error=error)
             rows.append(row)
-            if mismatch:
+            if error:
                 continue
-            if backward:
-                def fn():
-                    out = sampler(*planes, coords)
-                    torch.autograd.grad(out, planes, grad_out)
-            else:
-                def fn():
-                    with torch.no_grad():
-                        sampler(*planes, coords)
-            row.ms = measure(fn)
+            try:
+                row.ms = measure(_workload(sampler, planes, coords, grad_out, backward))
+            except Exception as exc:  # noqa: BLE001
+                row.error = _describe(exc)
+                continue
             nbytes = ideal_bytes(shape, dtype, backward)
             row.gbps = nbytes / row.ms / 1e6
-            reference_ms.setdefault(pass_, row.ms if variant == "reference" else None)
-            if reference_ms[pass_]:
-                row.speedup = reference_ms[pass_] / row.ms
             if device.type == "cuda":
                 row.floor_ms = nbytes / (peak_gbps * 1e6)
                 row.pct_peak = 100 * row.floor_ms / row.ms
+    reference_ms = {r.pass_: r.ms for r in rows if r.variant == "reference" and r.ms}
+    for row in rows:
+        if row.ms and row.pass_ in reference_ms:
+            row.speedup = reference_ms[row.pass_] / row.ms
     return rows
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "device": device.type,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def format_table(rows: list[Row], on_cuda: bool) -> str:
-    headers = ["shape", "variant", "pass", "ms", "GB/s", "speed-up"]
-    if on_cuda:
-        headers += ["floor ms", "% peak"]
-    lines = []
+def table_rows(rows: list[Row], on_cuda: bool) -> tuple[list[dict], list[str]]:
+    """Formatted cells for :func:`benchmarks.common.print_table`, and its columns."""
+    columns = ["shape", "variant", "pass", "ms", "GB/s", "speed-up"]
+    columns += ["floor ms", "% peak"] if on_cuda else []
+    cells = []
     for r in rows:
-        cells = [r.shape, r.variant, r.pass_]
+        row = {"shape": r.shape, "variant": r.variant, "pass": r.pass_}
         if r.error:
-            cells += [f"error: {r.error}"]
+            row["ms"] = f"error: {r.error}"
         else:
-            cells += [f"{r.ms:.3f}", f"{r.gbps:.1f}", f"{r.speedup:.2f}x" if r.speedup else "-"]
+            row.update({"ms": f"{r.ms:.3f}", "GB/s": f"{r.gbps:.2f}",
+                        "speed-up": f"{r.speedup:.2f}x" if r.speedup else "-"})
             if on_cuda:
-                cells += [f"{r.floor_ms:.4f}", f"{r.pct_peak:.1f}"]
-        lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines if i < len(c) - (1 if c[-1].startswith("error") and i == len(c) - 1 else 0)))
-              for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) + (cells[-1] if len(cells) > len(widths) else "")
-            for cells in lines]
-    return "\n".join(out)
+                row.update({"floor ms": f"{r.floor_ms:.4f}", "% peak": f"{r.pct_peak:.1f}"})
+        cells.append(row)
+    return cells, columns
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -287,7 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="CPU warm-up runs")
     p.add_argument("--repeats", type=int, default=10, help="CPU timed runs")
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="memory bandwidth for the floor")
-    p.add_argument("--json", type=Path, help="also write results to this JSON file")
+    p.add_argument("--json", help="also write results to this JSON file")
     return p.parse_args(argv)
 
 
@@ -295,6 +266,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     if args.quick:
         args.n, args.warmup, args.repeats = 2048, 1, 3
@@ -307,19 +280,12 @@ def main(argv=None) -> None:
         shape = Shape(args.batch, args.n, rxy, rt, c)
         rows += bench_shape(shape, variants, dtype, device, measure, args.peak_gbps)
 
-    info = machine_info(device)
-    name = info.get("gpu") or info["cpu"]
-    print(f"# {name} | torch {info['torch']} | triton {info['triton']} | {args.dtype}")
-    print(format_table(rows, device.type == "cuda"))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "machine": info,
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "results": [{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()}
-                        for r in rows],
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    info = machine()
+    print(f"# {info['device']} | torch {info['torch']} | triton {info.get('triton')} | {args.dtype}")
+    print_table(*table_rows(rows, device.type == "cuda"))
+    results = [{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()} for r in rows]
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    write_json(args.json, "kernel_bench", results, extra={"config": config})
 
 
 if __name__ == "__main__":
