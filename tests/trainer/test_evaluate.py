@@ -1,0 +1,149 @@
+"""trainer.evaluate on a tiny random model and small generated videos."""
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model import CoordTok, CoordTokConfig, save_model
+from service.media import read_frames, write_video
+from trainer import evaluate as ev
+from trainer.lpips import LPIPS
+from trainer.metrics import psnr, trilinear_baseline
+
+TINY = CoordTokConfig(
+    frames=8, height=32, width=32,
+    enc_dim=32, enc_heads=2, enc_patch_t=4, enc_patch_xy=16, enc_vit_layers=1, enc_cross_layers=1,
+    latent_res_xy=8, latent_res_t=8, latent_channels=4, latent_patch_xy=4, latent_patch_t=4,
+    dec_dim=32, dec_heads=2, dec_layers=1, dec_patch_t=1, dec_patch_xy=8, decode_slice_frames=4,
+)
+BUDGET = TINY.tokens * TINY.latent_channels  # (8*8 + 2*8*8) * 4 = 768 floats
+VIDEO_FRAMES = {"a.mp4": 20, "nested/b.mp4": 8}  # 3 clips (8, 8, 4 real frames) and 1 clip
+
+
+def moving_gradient(frames: int, height: int = 40, width: int = 48) -> np.ndarray:
+    """A smooth pattern drifting right: uint8 [T, H, W, 3]."""
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+    red = 128 + 100 * np.sin((x + 2 * t) / 6)
+    green = 128 + 100 * np.cos(y / 5)
+    blue = np.full_like(red, 90.0)
+    return np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    for name, frames in VIDEO_FRAMES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(moving_gradient(frames), root / name, fps=10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(CoordTok(TINY), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "lpips.safetensors"
+    LPIPS().save(path)
+    return path
+
+
+def run_cli(tmp_path, *args: str) -> dict:
+    out = tmp_path / "eval.json"
+    ev.main([*args, "--json", str(out), "--device", "cpu"])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def result(videos, model_file, tmp_path_factory):
+    return run_cli(tmp_path_factory.mktemp("out"), "--model", str(model_file), "--videos", str(videos), "--batch", "2")
+
+
+def test_json_lists_every_clip_of_every_video(result, videos):
+    rows = result["clips"]
+    assert [(r["video"], r["clip"], r["start_frame"], r["n_frames"]) for r in rows] == [
+        (str(videos / "a.mp4"), 0, 0, 8), (str(videos / "a.mp4"), 1, 8, 8), (str(videos / "a.mp4"), 2, 16, 4),
+        (str(videos / "nested/b.mp4"), 0, 0, 8),
+    ]
+    assert [v["clips"] for v in result["videos"]] == [3, 1]
+    assert result["skipped"] == []
+
+
+def test_json_names_the_model_file_and_its_hash(result, model_file):
+    assert result["model"] == {"path": str(model_file.resolve()), "sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
+    assert CoordTokConfig(**result["config"]) == TINY
+
+
+def test_every_metric_is_finite_for_both_methods(result):
+    for row in result["clips"] + result["videos"] + [result["mean"]]:
+        for method in ev.METHODS:
+            scores = row[method]
+            assert set(scores) >= {"psnr", "ssim"}
+            assert all(math.isfinite(v) for v in scores.values()), scores
+
+
+def test_mean_is_the_mean_over_clips(result):
+    for method in ev.METHODS:
+        expected = np.mean([r[method]["psnr"] for r in result["clips"]])
+        assert result["mean"][method]["psnr"] == pytest.approx(expected)
+
+
+def test_baseline_runs_at_the_models_float_budget(result):
+    assert result["budget_floats"] == BUDGET
+    for grid in [result["baseline_grid"]] + [r["baseline_grid"] for r in result["clips"]]:
+        assert 3 * math.prod(grid) <= BUDGET
+    short = result["clips"][2]
+    assert short["baseline_grid"][0] <= short["n_frames"]
+
+
+def test_baseline_psnr_matches_a_recomputation(result, videos):
+    frames, _, _ = read_frames(videos / "a.mp4", size=(TINY.height, TINY.width), resize="crop")
+    for row in result["clips"][:3]:
+        clip = torch.from_numpy(frames[row["start_frame"] : row["start_frame"] + row["n_frames"]]).float()[None] / 127.5 - 1
+        restored, grid = trilinear_baseline(clip, BUDGET)
+        assert list(grid) == row["baseline_grid"]
+        assert row["baseline"]["psnr"] == pytest.approx(psnr(restored, clip).item(), rel=1e-5)
+
+
+def test_lpips_weights_reach_the_scores(videos, model_file, lpips_file, tmp_path):
+    # LPIPS-VGG16 is slow on a CPU, so one clip is enough to follow the weights through.
+    out = run_cli(tmp_path, "--model", str(model_file), "--videos", str(videos), "--max-clips", "1",
+                  "--lpips-weights", str(lpips_file))
+    assert out["lpips"] == "computed" and len(out["clips"]) == 1
+    for method in ev.METHODS:
+        assert math.isfinite(out["clips"][0][method]["lpips"])
+
+
+def test_cvvdp_is_reported_either_way(result):
+    assert result["cvvdp"].startswith(("computed", "not computed"))
+
+
+def test_evaluate_stops_at_max_clips_and_skips_unreadable_files(videos, model_file, tmp_path):
+    model = ev.load_model(str(model_file), device="cpu")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    out = ev.evaluate(model, [broken, videos / "a.mp4", videos / "nested/b.mp4"], max_clips=2)
+    assert [r["clip"] for r in out["clips"]] == [0, 1]
+    assert out["skipped"][0]["video"] == str(broken)
+    assert "lpips" not in out["mean"]["coordtok"] and out["lpips"].startswith("not computed")
+
+
+def test_lpips_flags_are_checked(videos, model_file, lpips_file, capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--model", str(model_file), "--videos", str(videos), "--lpips-backbone", str(lpips_file)])
+    assert "go together" in capsys.readouterr().err
+
+
+def test_table_has_a_row_per_video_and_the_mean(result):
+    lines = ev.format_table(result).splitlines()
+    assert len(lines) == 2 + len(result["videos"]) + 1
+    assert lines[-1].startswith("mean") and "psnr coordtok" in lines[0]

@@ -1,0 +1,92 @@
+"""The tokenizer trainer's configuration, resolved once from a JSON file and CLI flags.
+
+Precedence: defaults < `--config FILE.json` < explicit flags. The resolved config is written to the
+run folder (`config.json`) so a run can be repeated and resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # What to train: a preset name, or a .safetensors file to start from (e.g. stage 1's export).
+    model: str = "coordtok-tiny"
+    # Model config fields to override on a preset, e.g. {"decode_slice_frames": 4}.
+    model_overrides: dict = field(default_factory=dict)
+    videos: str = ""
+    exclude: list[str] = field(default_factory=list)  # file names held out of training
+    run_dir: str = "runs/tokenizer"
+
+    # Stage 1: MSE on `points` random patches per clip. Stage 2: every patch of
+    # `stage2_frames` whole frames (default: the model's decode slice), MSE + LPIPS.
+    stage: int = 1
+    points: int = 1024
+    stage2_frames: int = 0
+    lpips_weights: str = ""  # a LPIPS .safetensors file; without it stage 2 is MSE only
+    lpips_weight: float = 1.0
+
+    batch_size: int = 4  # clips per process and micro-step
+    accum_steps: int = 1
+    steps: int = 10000  # optimiser steps
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.001  # the paper's AdamW weight decay
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables the EMA of the weights
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+
+    fps: float = 0.0  # resample videos to this frame rate (0: keep the source rate)
+    clips_per_video: int = 1
+    cache: bool = False  # keep decoded videos in memory
+    workers: int = 2
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    tensorboard: bool = False
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+        """Parse flags (and --config); returns the config and whether to resume."""
+        parser = argparse.ArgumentParser(prog="python -m trainer.tokenizer", description="Train a CoordTok tokenizer.")
+        parser.add_argument("--config", help="JSON file with any of the fields below")
+        parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+            if str(f.type) == "bool":
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            elif kind is not None:
+                parser.add_argument(flag, type=kind, default=None)
+            else:  # list / dict fields take JSON
+                parser.add_argument(flag, type=json.loads, default=None, help="JSON")
+        args = parser.parse_args(argv)
+        values = json.loads(Path(args.config).read_text()) if args.config else {}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            parser.error(f"unknown fields in {args.config}: {unknown}")
+        values.update({k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None})
+        config = cls(**values)
+        config.validate()
+        return config, args.resume
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError("stage must be 1 or 2")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError("precision must be auto, fp32, bf16 or fp16")
+        if not self.videos:
+            raise ValueError("--videos DIR is required")
+        if min(self.batch_size, self.accum_steps, self.steps, self.points) < 1:
+            raise ValueError("batch_size, accum_steps, steps and points must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

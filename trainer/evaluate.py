@@ -1,0 +1,244 @@
+"""Reconstruction quality of a CoordTok model on a folder of videos, against the trilinear
+baseline at the same float budget.
+
+    python -m trainer.evaluate --model coordtok.safetensors --videos DIR \\
+        [--lpips-weights lpips.safetensors | --lpips-backbone vgg16-397923af.pth --lpips-linear vgg.pth] \\
+        [--max-clips N] [--json OUT] [--device cpu]
+
+Every video under DIR (recursive) is decoded at the model's frame size (scaled to cover it,
+then centre-cropped) and cut into consecutive clips of the model's frame count; the last clip of a
+video is padded with -1 and encoded with its real frame count, and every metric covers only the
+real frames. Each clip is encoded and decoded by the model, and separately compressed by
+`trainer.metrics.trilinear_baseline` to `tokens * latent_channels` floats (the model's latent
+size). Metrics: PSNR and SSIM (`trainer.metrics`), LPIPS-VGG when weights are given, and
+ColorVideoVDP (JOD, display "standard_4k", on uint8 frames at the video's frame rate) when the
+`cvvdp` package (import name `pycvvdp`) is installed; it is not a dependency of this project.
+Means are over clips.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import PRESETS, CoordTok, load_model
+from service.media import FALLBACK_FPS, MediaError, MediaLimits, read_frames
+from trainer.data import list_videos
+from trainer.lpips import LPIPS, load_lpips, lpips_video
+from trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline
+
+METHODS = ("coordtok", "baseline")
+CVVDP_DISPLAY = "standard_4k"
+
+
+def load_cvvdp(device: torch.device | str):
+    """The ColorVideoVDP metric when `pycvvdp` is importable, else None."""
+    try:
+        import pycvvdp
+    except ImportError:
+        return None
+    return pycvvdp.cvvdp(display_name=CVVDP_DISPLAY, device=torch.device(device), quiet=True)
+
+
+def split_clips(frames: np.ndarray, length: int) -> list[tuple[int, np.ndarray]]:
+    """uint8 [T, H, W, 3] -> consecutive (start frame, [<= length, H, W, 3]) pieces."""
+    return [(start, frames[start : start + length]) for start in range(0, len(frames), length)]
+
+
+def to_model_range(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [..., 3] -> float32 in [-1, 1]."""
+    return torch.from_numpy(frames).float() / 127.5 - 1
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (clamped) -> uint8, rounded."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def score(
+    reference: torch.Tensor, reconstruction: torch.Tensor, lpips: LPIPS | None, cvvdp, fps: float
+) -> dict[str, float]:
+    """Metrics of one clip: reference and reconstruction [1, n, H, W, 3] in [-1, 1]."""
+    scores = {"psnr": psnr(reconstruction, reference).item(), "ssim": ssim(reconstruction, reference).item()}
+    if lpips is not None:
+        device = next(lpips.parameters()).device
+        scores["lpips"] = lpips_video(lpips, reconstruction.to(device), reference.to(device)).item()
+    if cvvdp is not None:
+        jod, _ = cvvdp.predict(to_uint8(reconstruction[0]), to_uint8(reference[0]), dim_order="FHWC", frames_per_second=fps)
+        scores["jod"] = float(jod)
+    return scores
+
+
+def reconstruct(model: CoordTok, clips: list[np.ndarray]) -> torch.Tensor:
+    """Encode and decode a batch of clips (uint8 [n_i <= frames, H, W, 3]) with padding to the
+    model's frame count -> [B, max n_i, H, W, 3] in [-1, 1] (clamped), on the model's device."""
+    c = model.config
+    device = next(model.parameters()).device
+    video = torch.full((len(clips), c.frames, c.height, c.width, 3), -1.0)
+    for i, clip in enumerate(clips):
+        video[i, : len(clip)] = to_model_range(clip)
+    n_frames = torch.tensor([len(clip) for clip in clips])
+    triplane = model.encode(video.to(device), n_frames.to(device))
+    return model.decode_video(triplane, frames=(0, int(n_frames.max()))).float().clamp(-1, 1)
+
+
+def evaluate(
+    model: CoordTok,
+    videos: list[Path],
+    lpips: LPIPS | None = None,
+    max_clips: int | None = None,
+    batch_size: int = 4,
+    limits: MediaLimits = MediaLimits(),
+) -> dict:
+    """Score `model` and the trilinear baseline on the clips of `videos` (at most `max_clips`).
+
+    Returns {"budget_floats", "baseline_grid" (of a full clip), "clip_frames", "size", "lpips",
+    "cvvdp" (what was computed, or why not), "clips": one row per clip, "videos": per-video
+    means, "mean": means over all clips, "skipped": videos that could not be read}. A clip row is
+    {"video", "clip", "start_frame", "n_frames", "baseline_grid", "coordtok": scores,
+    "baseline": scores}, scores being {"psnr", "ssim", "lpips"?, "jod"?}.
+    """
+    c = model.config
+    budget = c.tokens * c.latent_channels
+    cvvdp = load_cvvdp(next(model.parameters()).device)
+    rows, skipped = [], []
+    with torch.inference_mode():
+        for path in videos:
+            remaining = None if max_clips is None else max_clips - len(rows)
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                frames, info, _ = read_frames(
+                    path, limits, size=(c.height, c.width), resize="crop",
+                    max_frames=None if remaining is None else remaining * c.frames,
+                )
+            except MediaError as error:
+                skipped.append({"video": str(path), "error": f"{type(error).__name__}: {error}"})
+                continue
+            if len(frames) == 0:
+                skipped.append({"video": str(path), "error": "no frames decoded"})
+                continue
+            clips = split_clips(frames, c.frames)
+            fps = info.fps or FALLBACK_FPS
+            for first in range(0, len(clips), batch_size):
+                batch = clips[first : first + batch_size]
+                decoded = reconstruct(model, [clip for _, clip in batch])
+                for i, (start, clip) in enumerate(batch):
+                    rows.append(_clip_row(path, first + i, start, clip, decoded[i : i + 1, : len(clip)], budget, lpips, cvvdp, fps))
+    return {
+        "budget_floats": budget,
+        "baseline_grid": list(baseline_grid((c.frames, c.height, c.width), budget)),
+        "clip_frames": c.frames,
+        "size": [c.height, c.width],
+        "lpips": "computed" if lpips is not None else "not computed: no LPIPS weights given",
+        "cvvdp": f"computed (display {CVVDP_DISPLAY})" if cvvdp is not None else "not computed: the cvvdp package (pycvvdp) is not installed",
+        "clips": rows,
+        "videos": _video_means(rows),
+        "mean": _means(rows),
+        "skipped": skipped,
+    }
+
+
+def _clip_row(path, index, start, clip, decoded, budget, lpips, cvvdp, fps) -> dict:
+    """Scores of one clip: uint8 `clip` [n, H, W, 3], the model's `decoded` [1, n, H, W, 3]
+    (metrics run on its device)."""
+    reference = to_model_range(clip)[None].to(decoded.device)  # [1, n, H, W, 3]
+    baseline, grid = trilinear_baseline(reference, budget)
+    return {
+        "video": str(path), "clip": index, "start_frame": start, "n_frames": len(clip), "baseline_grid": list(grid),
+        "coordtok": score(reference, decoded, lpips, cvvdp, fps),
+        "baseline": score(reference, baseline, lpips, cvvdp, fps),
+    }
+
+
+def _means(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean of every score over `rows`, per method."""
+    if not rows:
+        return {}
+    return {m: {k: float(np.mean([r[m][k] for r in rows])) for k in rows[0][m]} for m in METHODS}
+
+
+def _video_means(rows: list[dict]) -> list[dict]:
+    """Per video, in order of appearance: {"video", "clips", "coordtok", "baseline"} means."""
+    by_video: dict[str, list[dict]] = {}
+    for row in rows:
+        by_video.setdefault(row["video"], []).append(row)
+    return [{"video": name, "clips": len(mine), **_means(mine)} for name, mine in by_video.items()]
+
+
+def model_id(spec: str) -> dict[str, str]:
+    """A preset name, or a weights file's path and sha256."""
+    if spec in PRESETS:
+        return {"preset": spec}
+    path = Path(spec).resolve()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def format_table(result: dict) -> str:
+    """The per-video means and the overall mean as a text table."""
+    metrics = list(result["mean"].get("coordtok", {}))
+    header = ["video", "clips"] + [f"{k} {m}" for k in metrics for m in METHODS]
+    lines = [
+        [v["video"], str(v["clips"])] + [_fmt(v[m][k]) for k in metrics for m in METHODS]
+        for v in result["videos"]
+    ]
+    if result["clips"]:
+        mean = result["mean"]
+        lines.append(["mean", str(len(result["clips"]))] + [_fmt(mean[m][k]) for k in metrics for m in METHODS])
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+    rows = [header, ["-" * w for w in widths], *lines]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .safetensors file or a preset name")
+    parser.add_argument("--videos", required=True, type=Path, help="folder searched recursively for videos")
+    parser.add_argument("--lpips-weights", type=Path, help="LPIPS-VGG weights as one .safetensors file")
+    parser.add_argument("--lpips-backbone", type=Path, help="torchvision's vgg16-397923af.pth")
+    parser.add_argument("--lpips-linear", type=Path, help="the lpips package's weights/v0.1/vgg.pth")
+    parser.add_argument("--max-clips", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4, help="clips per encode/decode call")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if bool(args.lpips_backbone) != bool(args.lpips_linear):
+        parser.error("--lpips-backbone and --lpips-linear go together")
+    if args.lpips_weights and args.lpips_backbone:
+        parser.error("give --lpips-weights or --lpips-backbone/--lpips-linear, not both")
+    weights = args.lpips_weights or ((args.lpips_backbone, args.lpips_linear) if args.lpips_backbone else None)
+
+    model = load_model(args.model, device=args.device)
+    lpips = load_lpips(weights, device=args.device) if weights else None
+    try:
+        videos = list_videos(args.videos)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    result = {"model": model_id(args.model), "config": json.loads(model.config.to_json()),
+              **evaluate(model, videos, lpips=lpips, max_clips=args.max_clips, batch_size=args.batch)}
+    print(format_table(result))
+    print(f"LPIPS: {result['lpips']}; ColorVideoVDP: {result['cvvdp']}; baseline grid {result['baseline_grid']} "
+          f"for {result['budget_floats']} floats per clip")
+    for skip in result["skipped"]:
+        print(f"skipped {skip['video']}: {skip['error']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
