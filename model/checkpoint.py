@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from model.config import CoordTokConfig, preset, PRESETS
 from model.coordtok import CoordTok
@@ -86,7 +87,7 @@ def load_model(
     model = CoordTok(CoordTokConfig.from_json(metadata["config"]))
     with safe_open(str(path), framework="pt") as f:
         state = {name: f.get_tensor(name) for name in f.keys()}
-    _load_state(model, state, source=str(path))
+    load_state_checked(model, state, str(path), "the model config")
     return model.to(device).eval()
 
 
@@ -119,27 +120,29 @@ def load_official(
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{checkpoint_path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     model = CoordTok(config)
-    _load_state(model, official_state_dict(checkpoint), source=str(checkpoint_path))
+    load_state_checked(model, official_state_dict(checkpoint), str(checkpoint_path), "the model config")
     device = torch.device(device) if device is not None else default_device()
     return model.to(device).eval()
 
 
-def _load_state(model: CoordTok, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
+def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Load `state` into `module` strictly, or raise a ValueError that names the missing,
+    unexpected and mis-shaped tensors (`what` says what the file should have been)."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        f"{k}: file {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if mismatched:
-            problems.append(f"shape mismatch {mismatched[:3]}")
-        raise ValueError(f"{source} does not match the model config: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if mismatched:
+        problems.append(f"shape mismatch {mismatched[:3]}")
+    if problems:
+        raise ValueError(f"{source} does not match {what}: " + "; ".join(problems))
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.checkpoint import load_state_checked
+
 log = logging.getLogger(__name__)
 
 # VGG16 `features` layout: output channels of each 3x3 conv, "M" a 2x2 max-pool. The last pool
@@ -137,27 +139,10 @@ class LPIPS(nn.Module):
         return model
 
     def _load(self, state: dict[str, torch.Tensor], source: str) -> None:
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [
-            f"{k}: file {tuple(state[k].shape)} vs {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
-        if mismatched:
-            problems.append(f"shape mismatch {mismatched[:3]}")
-        if problems:
-            raise ValueError(f"{source} is not LPIPS-VGG16 weights: " + "; ".join(problems))
-        negative = [k for k in expected if k.startswith("linear.") and bool((state[k] < 0).any())]
+        negative = [k for k, v in state.items() if k.startswith("linear.") and bool((v < 0).any())]
         if negative:
             raise ValueError(f"{source}: LPIPS linear weights must be non-negative, {negative} are not")
-        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+        load_state_checked(self, state, source, "LPIPS-VGG16 weights")
 
 
 def _load_pth(path: str | Path) -> dict[str, torch.Tensor]:
