@@ -155,14 +155,15 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------
     def batches(self):
-        """Micro-batches forever, from the current data position."""
+        """Micro-batches forever, from the current data position. The workers persist across
+        epochs, so a dataset's cache of decoded videos is filled once."""
+        loader = DataLoader(
+            self.dataset, batch_size=self.config.batch_size, sampler=self.sampler, num_workers=self.config.workers,
+            persistent_workers=self.config.workers > 0, drop_last=True, pin_memory=self.dist.device.type == "cuda",
+        )
         while True:
             self.dataset.set_epoch(self.epoch)
             self.sampler.set_position(self.epoch, self.batch_in_epoch * self.config.batch_size)
-            loader = DataLoader(
-                self.dataset, batch_size=self.config.batch_size, sampler=self.sampler,
-                num_workers=self.config.workers, drop_last=True, pin_memory=self.dist.device.type == "cuda",
-            )
             for video, n_frames in loader:
                 self.batch_in_epoch += 1
                 yield video.to(self.dist.device, non_blocking=True), n_frames.to(self.dist.device)
