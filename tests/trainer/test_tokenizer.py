@@ -138,3 +138,12 @@ def test_two_process_gloo_ddp_run(videos, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
     assert len(losses(tmp_path)) == 3
     assert (tmp_path / "export.safetensors").is_file()
+
+
+def test_worker_processes_give_the_same_batches_across_epochs(videos, tmp_path):
+    """Persistent workers must follow the epoch: clips equal those of an in-process loader."""
+    in_process = Trainer(config(videos, tmp_path / "a", workers=0), single_process()).batches()
+    with_workers = Trainer(config(videos, tmp_path / "b", workers=1), single_process()).batches()
+    for _ in range(5):  # 3 batches per epoch: crosses into epoch 1
+        (video_a, n_a), (video_b, n_b) = next(in_process), next(with_workers)
+        assert torch.equal(video_a, video_b) and torch.equal(n_a, n_b)
