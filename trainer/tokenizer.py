@@ -217,7 +217,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"train": config.to_dict(), "model": json.loads(self.model_config.to_json()),
                  "git_commit": git_commit(), "world_size": self.dist.world_size}, indent=2))
-        metrics = (self.run_dir / "metrics.jsonl").open("a") if is_main else None
+        metrics = _metrics_log(self.run_dir / "metrics.jsonl", self.step) if is_main else None
         board = _tensorboard(self.run_dir) if is_main and config.tensorboard else None
         clips_per_step = config.batch_size * config.accum_steps * self.dist.world_size
         bar = tqdm(total=config.steps, initial=self.step, disable=not is_main, dynamic_ncols=True)
@@ -249,6 +249,15 @@ class Trainer:
                 self.ema.copy_to(weights)
             export_model(weights, self.dataset, self.run_dir / "export.safetensors",
                          {"git_commit": git_commit(), "steps": str(self.step), "stage": str(config.stage)})
+
+
+def _metrics_log(path: Path, step: int):
+    """metrics.jsonl opened for appending, without the records past `step` (a run resumed from
+    an earlier checkpoint logs those steps again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
 
 
 def _tensorboard(run_dir: Path):

@@ -121,7 +121,8 @@ def test_cli_resume_continues_from_the_last_checkpoint(videos, tmp_path):
     args = ["--videos", str(videos), "--run-dir", str(tmp_path), "--model-overrides", json.dumps(SMALL_MODEL),
             "--batch-size", "2", "--points", "32", "--workers", "0", "--cache", "--ckpt-every", "2",
             "--log-every", "1"]
-    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "3"]) == 0
+    latest_checkpoint(tmp_path).unlink()  # as if killed after logging step 3, before its checkpoint
     assert main(args + ["--steps", "4", "--resume"]) == 0
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
