@@ -1,0 +1,185 @@
+"""Token files: the triplanes of a video's clips, serialised as safetensors, .npz or JSON.
+
+Every format carries the three planes with a leading clip axis, `xy [K, Rxy, Rxy, C]`,
+`yt [K, Rt, Rxy, C]`, `xt [K, Rt, Rxy, C]`, and string metadata (model id, weights hash, frames per
+clip, valid frames of each clip, source fps and size, ...): in the safetensors header, as a
+`__metadata__` JSON string entry of the .npz, or as a `metadata` object in JSON.
+
+Nothing from the network reaches the model unchecked: `parse` bounds the declared sizes before
+anything is allocated, and checks the format, dtypes, shapes against the serving model, finiteness
+and (when the file names one) the model's identity. Every failure is a `TokenError` whose message
+says what was expected.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from model.config import CoordTokConfig
+from model.triplane import PLANES, Triplane
+
+FORMATS = {
+    "safetensors": "application/vnd.coordtok.tokens+safetensors",
+    "npz": "application/x-npz",
+    "json": "application/json",
+}
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_NPZ_METADATA = "__metadata__"
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class TokenError(ValueError):
+    """A token file that cannot be used with the serving model (HTTP 422)."""
+
+
+@dataclass
+class Tokens:
+    """The triplanes of K clips (a Triplane whose batch axis is the clip axis) and metadata."""
+
+    triplane: Triplane
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def clips(self) -> int:
+        return self.triplane.batch_size
+
+
+def plane_shapes(config: CoordTokConfig) -> dict[str, tuple[int, int, int]]:
+    """Per plane, the shape of one clip's plane: (R0, R1, C)."""
+    xy, t, c = config.latent_res_xy, config.latent_res_t, config.latent_channels
+    return {"xy": (xy, xy, c), "yt": (t, xy, c), "xt": (t, xy, c)}
+
+
+def serialise(tokens: Tokens, fmt: str) -> bytes:
+    """Tokens -> bytes in `fmt` (safetensors, npz or json); planes are written as float32."""
+    planes = {name: plane.detach().float().cpu().contiguous() for name, plane in zip(PLANES, tokens.triplane.planes())}
+    if fmt == "safetensors":
+        return save_safetensors(planes, metadata=tokens.metadata)
+    if fmt == "npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: v.numpy() for k, v in planes.items()}, **{_NPZ_METADATA: np.array(json.dumps(tokens.metadata))})
+        return buffer.getvalue()
+    if fmt == "json":
+        return json.dumps({"metadata": tokens.metadata, **{k: v.tolist() for k, v in planes.items()}}).encode()
+    raise ValueError(f"unknown token format {fmt!r}; choose one of {sorted(FORMATS)}")
+
+
+def parse(data: bytes, fmt: str, config: CoordTokConfig, max_clips: int, model_id: str | None = None) -> Tokens:
+    """Bytes of a token file -> validated Tokens on CPU (float32).
+
+    `max_clips` bounds K before any tensor is allocated; `model_id`, when given, must equal the
+    file's `model_id` metadata if the file has one.
+    """
+    if fmt not in FORMATS:
+        raise TokenError(f"unknown token format {fmt!r}; send one of {sorted(FORMATS)}")
+    expected = plane_shapes(config)
+    planes, metadata = {"safetensors": _read_safetensors, "npz": _read_npz, "json": _read_json}[fmt](
+        data, expected, max_clips
+    )
+    clips = {plane.shape[0] for plane in planes.values()}
+    if len(clips) != 1:
+        raise TokenError(f"the planes hold different numbers of clips: { {k: v.shape[0] for k, v in planes.items()} }")
+    for name, plane in planes.items():
+        if not bool(torch.isfinite(plane).all()):
+            raise TokenError(f"plane {name!r} holds NaN or Inf values")
+    if model_id is not None and metadata.get("model_id", model_id) != model_id:
+        raise TokenError(f"these tokens were made by model {metadata['model_id']!r}; this server serves {model_id!r}")
+    return Tokens(Triplane(*(planes[name] for name in PLANES)), metadata)
+
+
+def _check_declared(name: str, shape: tuple[int, ...], expected: dict[str, tuple[int, int, int]], max_clips: int) -> None:
+    """Check a plane's declared shape [K, R0, R1, C] before its data is read."""
+    if name not in expected:
+        return
+    want = expected[name]
+    if len(shape) != 4 or tuple(shape[1:]) != want:
+        raise TokenError(f"plane {name!r} has shape {list(shape)}; this model expects [clips, {', '.join(map(str, want))}]")
+    if not 1 <= shape[0] <= max_clips:
+        raise TokenError(f"plane {name!r} holds {shape[0]} clips; between 1 and {max_clips} are accepted")
+
+
+def _require_planes(found: set[str]) -> None:
+    missing = [name for name in PLANES if name not in found]
+    if missing:
+        raise TokenError(f"the token file lacks the planes {missing}; it must hold {list(PLANES)}")
+
+
+def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if len(data) < 8:
+        raise TokenError("not a safetensors file: shorter than its 8-byte header length")
+    (header_length,) = struct.unpack("<Q", data[:8])
+    if header_length > min(len(data) - 8, 1 << 20):
+        raise TokenError("not a safetensors file: its header length is out of range (truncated or another format)")
+    try:
+        header = json.loads(data[8 : 8 + header_length])
+    except ValueError:
+        raise TokenError("not a safetensors file: its header is not JSON") from None
+    metadata = header.pop("__metadata__", None) or {}
+    _require_planes(set(header))
+    for name, entry in header.items():
+        if name in expected and entry.get("dtype") not in _FLOAT_DTYPES:
+            raise TokenError(f"plane {name!r} has dtype {entry.get('dtype')}; send F32, F16 or BF16")
+        _check_declared(name, tuple(entry.get("shape", ())), expected, max_clips)
+    try:
+        tensors = load_safetensors(data)
+    except Exception as error:  # the library raises its own error types for malformed files
+        raise TokenError(f"the safetensors file is malformed: {error}") from None
+    return {name: tensors[name].float() for name in PLANES}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        _require_planes(set(members))
+        planes = {}
+        for name in PLANES:
+            with archive.open(members[name]) as f:
+                read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+                if read_header is None:
+                    raise TokenError(f"plane {name!r}: unsupported .npy format version; save with numpy.savez")
+                shape, _, dtype = read_header(f)
+                if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+                    raise TokenError(f"plane {name!r} has dtype {dtype}; send float16, float32 or float64")
+                _check_declared(name, shape, expected, max_clips)
+            with archive.open(members[name]) as f:
+                planes[name] = torch.from_numpy(np.lib.format.read_array(f, allow_pickle=False).astype(np.float32))
+        metadata = {}
+        if _NPZ_METADATA in members:
+            with archive.open(members[_NPZ_METADATA]) as f:
+                metadata = json.loads(str(np.lib.format.read_array(f, allow_pickle=False)))
+    except TokenError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise TokenError(f"not a valid .npz token file: {error}") from None
+    return planes, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        document = json.loads(data)
+    except ValueError as error:
+        raise TokenError(f"the JSON token file does not parse: {error}") from None
+    if not isinstance(document, dict):
+        raise TokenError('a JSON token file is an object {"xy": [...], "yt": [...], "xt": [...], "metadata": {...}}')
+    _require_planes(set(document))
+    planes = {}
+    for name in PLANES:
+        try:
+            array = np.asarray(document[name], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise TokenError(f"plane {name!r} is not a nested list of numbers of one shape") from None
+        _check_declared(name, array.shape, expected, max_clips)
+        planes[name] = torch.from_numpy(array)
+    metadata = document.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise TokenError("metadata must be a JSON object of strings")
+    return planes, {str(k): str(v) for k, v in metadata.items()}

@@ -1,0 +1,92 @@
+"""Token files: every format round-trips; malformed files are refused with a message."""
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from model import Triplane, preset
+from service.tokens import FORMATS, TokenError, Tokens, parse, serialise
+
+CONFIG = preset("coordtok-tiny")  # xy [16, 16, 8], yt/xt [32, 16, 8]
+
+
+def tokens(clips: int = 2) -> Tokens:
+    g = torch.Generator().manual_seed(clips)
+    planes = [torch.randn(clips, 16, 16, 8, generator=g), torch.randn(clips, 32, 16, 8, generator=g), torch.randn(clips, 32, 16, 8, generator=g)]
+    return Tokens(Triplane(*planes), {"model_id": "tiny@abc", "frames_per_clip": "128"})
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_round_trips(fmt):
+    original = tokens()
+    parsed = parse(serialise(original, fmt), fmt, CONFIG, max_clips=4, model_id="tiny@abc")
+    assert parsed.metadata == original.metadata and parsed.clips == 2
+    for a, b in zip(parsed.triplane.planes(), original.triplane.planes()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if fmt == "json" else 0)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_wrong_shape_names_the_expected_one(fmt):
+    bad = tokens()
+    bad.triplane = Triplane(bad.triplane.xy, bad.triplane.yt[:, :16], bad.triplane.xt)
+    with pytest.raises(TokenError, match=r"'yt' has shape \[2, 16, 16, 8\]; this model expects \[clips, 32, 16, 8\]"):
+        parse(serialise(bad, fmt), fmt, CONFIG, max_clips=4)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_nan_tokens_are_refused(fmt):
+    bad = tokens()
+    bad.triplane.xt[1, 3, 4, 5] = float("nan")
+    with pytest.raises(TokenError, match="NaN or Inf"):
+        parse(serialise(bad, fmt), fmt, CONFIG, max_clips=4)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_too_many_clips_are_refused(fmt):
+    with pytest.raises(TokenError, match="between 1 and 1 are accepted"):
+        parse(serialise(tokens(2), fmt), fmt, CONFIG, max_clips=1)
+
+
+def test_tokens_of_another_model_are_refused():
+    with pytest.raises(TokenError, match="made by model 'tiny@abc'"):
+        parse(serialise(tokens(), "safetensors"), "safetensors", CONFIG, max_clips=4, model_id="other@123")
+
+
+def test_integer_planes_are_refused():
+    t = tokens()
+    data = save_safetensors({"xy": t.triplane.xy.int(), "yt": t.triplane.yt, "xt": t.triplane.xt})
+    with pytest.raises(TokenError, match="dtype I32"):
+        parse(data, "safetensors", CONFIG, max_clips=4)
+
+
+def test_a_missing_plane_is_named():
+    data = json.dumps({"xy": tokens().triplane.xy.tolist(), "yt": []}).encode()
+    with pytest.raises(TokenError, match=r"lacks the planes \['xt'\]"):
+        parse(data, "json", CONFIG, max_clips=4)
+
+
+def test_huge_declared_shape_is_refused_before_reading_data():
+    header = json.dumps({name: {"dtype": "F32", "shape": [10**9, *shape], "data_offsets": [0, 4]}
+                         for name, shape in [("xy", (16, 16, 8)), ("yt", (32, 16, 8)), ("xt", (32, 16, 8))]}).encode()
+    data = struct.pack("<Q", len(header)) + header + b"\0" * 4
+    with pytest.raises(TokenError, match="holds 1000000000 clips"):
+        parse(data, "safetensors", CONFIG, max_clips=8)
+
+
+@pytest.mark.parametrize("fmt,cut", [("safetensors", 4), ("safetensors", 200), ("safetensors", -100), ("npz", 50), ("npz", -100), ("json", -3)])
+def test_truncated_files_are_refused(fmt, cut):
+    data = serialise(tokens(), fmt)
+    with pytest.raises(TokenError):
+        parse(data[:cut], fmt, CONFIG, max_clips=4)
+
+
+def test_npz_with_pickled_objects_is_refused():
+    buffer = io.BytesIO()
+    t = tokens()
+    np.savez(buffer, xy=np.array([object()], dtype=object), yt=t.triplane.yt.numpy(), xt=t.triplane.xt.numpy())
+    with pytest.raises(TokenError, match="dtype object"):
+        parse(buffer.getvalue(), "npz", CONFIG, max_clips=4)
