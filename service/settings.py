@@ -1,0 +1,69 @@
+"""Server settings, from (highest first) explicit arguments, environment variables prefixed
+`COORDTOK_` (e.g. `COORDTOK_MAX_QUEUE=64`), and the settings file named by `COORDTOK_SETTINGS_FILE`
+(JSON, or a .env file). Every limit on what the server holds per request is one of these, with a
+sane default."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from service.media import MediaLimits
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COORDTOK_", extra="forbid")
+
+    # The model: a .safetensors path, a preset name, or empty for the bundled default.
+    model: str = ""
+    devices: list[str] = Field(default_factory=list, description="e.g. [\"cuda:0\", \"cuda:1\"]; empty: every GPU, else the CPU")
+
+    # Dynamic batching: a batch closes at `batch_max_frames` frames of work or after `batch_wait_ms`.
+    batch_max_frames: int = Field(512, ge=1)
+    batch_wait_ms: float = Field(10.0, ge=0)
+    max_queue: int = Field(32, ge=1, description="requests waiting or running; more get 503")
+    request_timeout_s: float = Field(300.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    # Input limits.
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_width: int = Field(4096, ge=1)
+    max_height: int = Field(4096, ge=1)
+    max_duration_s: float = Field(600.0, gt=0)
+    max_frames: int = Field(20000, ge=1)
+    max_clips: int = Field(64, ge=1, description="clips per encode or decode request")
+
+    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer keys; empty: no authentication")
+    log_format: Literal["json", "text"] = "json"
+    upload_dir: Path | None = None  # temporary uploads (default: the system's temp folder)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        path = os.environ.get("COORDTOK_SETTINGS_FILE")
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"COORDTOK_SETTINGS_FILE={path} does not exist")
+            if path.endswith(".json"):
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                sources.append(DotEnvSettingsSource(settings_cls, env_file=path))
+        return tuple(sources)
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(
+            max_width=self.max_width, max_height=self.max_height, max_pixels=self.max_width * self.max_height,
+            max_duration_s=self.max_duration_s, max_frames=self.max_frames,
+        )
+
