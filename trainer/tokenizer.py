@@ -11,6 +11,7 @@ commit, metrics.jsonl, checkpoints/ and, at the end, export.safetensors (the ser
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import subprocess
@@ -101,9 +102,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(config, dist.device)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
-        self.lpips = load_lpips(config.lpips_weights or None) if config.stage == 2 else None
-        if self.lpips is not None:
-            self.lpips = self.lpips.to(dist.device)
+        self.lpips = load_lpips(config.lpips_weights or None, device=dist.device) if config.stage == 2 else None
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + dist.rank)
 
         excluded = set(config.exclude)
@@ -116,8 +115,7 @@ class Trainer:
             cache=config.cache, clips_per_video=config.clips_per_video, seed=config.seed,
         )
         self.sampler = EpochSampler(len(self.dataset), config.seed, dist.rank, dist.world_size)
-        self.batches_per_epoch = len(self.dataset) // dist.world_size // config.batch_size
-        if self.batches_per_epoch == 0:
+        if len(self.dataset) // dist.world_size < config.batch_size:
             raise ValueError("fewer clips than one batch per process: lower --batch-size or raise --clips-per-video")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
 
@@ -245,7 +243,7 @@ class Trainer:
             metrics.close()
             weights = self.model
             if self.ema:
-                weights = build_model(config).to(self.dist.device)
+                weights = copy.deepcopy(self.model)
                 self.ema.copy_to(weights)
             export_model(weights, self.dataset, self.run_dir / "export.safetensors",
                          {"git_commit": git_commit(), "steps": str(self.step), "stage": str(config.stage)})
