@@ -1,0 +1,344 @@
+"""The FastAPI app: routes parse and validate, the engine batches and runs, errors map to statuses.
+
+    uvicorn --factory service.app:create_app
+
+encode: upload (bounded, spooled to disk) -> media.read_frames off the event loop -> clips of the
+model's frame count (the last padded, its frame count kept) -> engine -> token file.
+decode: token file (bounded, validated) -> engine (only the requested frames) -> mp4 / webm / npy.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import math
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from model import CoordTok, PRESETS, load_model
+from model.checkpoint import DEFAULT_WEIGHTS
+from service import media, tokens
+from service.engine import BatchStats, Engine, EngineError
+from service.metrics import Metrics
+from service.settings import Settings
+
+VIDEO_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "npy": "application/x-npy"}
+_VIDEO_CODECS = {"mp4": "h264", "webm": "vp9"}
+
+
+class RequestError(Exception):
+    """A request the server cannot serve as sent; `http_status` says which 4xx."""
+
+    def __init__(self, message: str, http_status: int = 422) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def serving_devices(settings: Settings) -> list[str]:
+    if settings.devices:
+        return settings.devices
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def model_identity(spec: str) -> tuple[str, str]:
+    """(model id, weights sha256) of a preset name or a weights file ('' = the bundled model)."""
+    if spec in PRESETS:
+        return f"{spec}@random", ""
+    path = Path(spec) if spec else DEFAULT_WEIGHTS
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{path.stem}@{digest[:12]}", digest
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    state: dict = {}
+
+    def on_batch(stats: BatchStats) -> None:
+        metrics.batch_size.labels(stats.kind).observe(stats.requests)
+        metrics.batch_frames.labels(stats.kind).observe(stats.frames)
+        metrics.model_seconds.labels(stats.kind, stats.device).observe(stats.seconds)
+        if stats.ok:
+            metrics.frames.labels(stats.kind).inc(stats.frames)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        devices = serving_devices(settings)
+        models: dict[str, CoordTok] = {}
+        for device in devices:
+            started = time.perf_counter()
+            models[device] = await run_in_threadpool(load_model, settings.model or None, device)
+            await run_in_threadpool(warm_up, models[device], settings.batch_max_frames)
+            metrics.model_load.labels(device).set(time.perf_counter() - started)
+        model_id, sha256 = model_identity(settings.model)
+        config = next(iter(models.values())).config
+        metrics.model.info({"model_id": model_id, "frames": str(config.frames), "tokens": str(config.tokens)})
+        engine = Engine(models, settings.batch_max_frames, settings.batch_wait_ms, settings.max_queue,
+                        settings.request_timeout_s, on_batch=on_batch)
+        engine.start()
+        state.update(engine=engine, config=config, model_id=model_id, sha256=sha256, devices=devices)
+        metrics.ready.set(1)
+        yield
+        metrics.ready.set(0)
+        engine.accepting = False
+        deadline = time.monotonic() + settings.drain_timeout_s
+        while engine.in_system and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        engine.stop()
+
+    app = FastAPI(title="CoordTok", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(media.MediaError)
+    @app.exception_handler(tokens.TokenError)
+    @app.exception_handler(EngineError)
+    @app.exception_handler(RequestError)
+    async def known_error(request: Request, error: Exception) -> JSONResponse:
+        status = getattr(error, "http_status", 422)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, status, headers=headers)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        route = request.url.path
+        response = await call_next(request)
+        if route.startswith("/v1/"):
+            metrics.requests.labels(route, str(response.status_code)).inc()
+            metrics.duration.labels(route).observe(time.perf_counter() - started)
+            if response.status_code >= 400:
+                metrics.failures.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = "engine" in state and state["engine"].ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        if "engine" in state:
+            metrics.queue_size.set(state["engine"].in_system)
+            metrics.sample_devices(state["devices"])
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        config = state["config"]
+        return {"models": [{
+            "id": state["model_id"], "weights_sha256": state["sha256"], "devices": state["devices"],
+            "config": json.loads(config.to_json()),
+            "token_shape": {name: [*shape] for name, shape in tokens.plane_shapes(config).items()},
+            "tokens_per_clip": config.tokens,
+        }]}
+
+    @app.post("/v1/encode")
+    async def encode(
+        request: Request,
+        resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
+        fps: float | None = Query(None, gt=0, le=240),
+        start: float = Query(0.0, ge=0, description="seconds"),
+        end: float | None = Query(None, gt=0, description="seconds"),
+        format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
+    ) -> Response:
+        engine, config = state["engine"], state["config"]
+        fmt = format or _format_from_accept(request.headers.get("accept", ""))
+        with engine.admit():
+            upload = await receive_upload(request, settings)
+            try:
+                began = time.perf_counter()
+                frames, info, geometry = await run_in_threadpool(
+                    media.read_frames, upload, settings.media_limits(), (config.height, config.width),
+                    resize, fps, start, end)
+                metrics.phase.labels("/v1/encode", "media_decode").observe(time.perf_counter() - began)
+            finally:
+                upload.unlink(missing_ok=True)
+            if len(frames) == 0:
+                raise RequestError("the video has no frames in the requested time range")
+            clips, n_frames = split_clips(frames, config.frames)
+            if len(clips) > settings.max_clips:
+                raise RequestError(f"the video makes {len(clips)} clips of {config.frames} frames; at most "
+                                   f"{settings.max_clips} per request: send a shorter range (start/end)", 413)
+            metrics.input_frames.labels("/v1/encode").inc(len(frames))
+            began = time.perf_counter()
+            triplane = await engine.encode(clips, n_frames)
+            metrics.phase.labels("/v1/encode", "inference").observe(time.perf_counter() - began)
+            metrics.tokens.labels("encode").inc(config.tokens * len(clips))
+            meta = {
+                "model_id": state["model_id"], "weights_sha256": state["sha256"],
+                "frames_per_clip": str(config.frames), "n_frames": json.dumps(n_frames.tolist()),
+                "source_fps": f"{info.fps:g}", "fps": f"{fps or info.fps:g}",
+                "source_size": json.dumps([info.height, info.width]),
+                "geometry": json.dumps({"policy": geometry.policy, "scaled": geometry.scaled,
+                                        "crop": geometry.crop, "pad": geometry.pad}),
+            }
+            body = await run_in_threadpool(tokens.serialise, tokens.Tokens(triplane, meta), fmt)
+        return Response(body, media_type=tokens.FORMATS[fmt])
+
+    @app.post("/v1/decode")
+    async def decode(
+        request: Request,
+        start: int = Query(0, ge=0, description="first frame"),
+        end: int | None = Query(None, gt=0, description="frame after the last"),
+        fps: float | None = Query(None, gt=0, le=240),
+        format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
+    ) -> Response:
+        engine, config = state["engine"], state["config"]
+        out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
+        with engine.admit():
+            body = await read_body(request, settings.max_upload_bytes)
+            fmt = _token_format(request.headers.get("content-type", ""))
+            parsed = await run_in_threadpool(tokens.parse, body, fmt, config, settings.max_clips, state["model_id"])
+            lengths = _clip_lengths(parsed, config.frames)
+            total = sum(lengths)
+            stop = total if end is None else end
+            if not start < stop <= total:
+                raise RequestError(f"the frame range [{start}, {stop}) must lie within the {total} frames of these tokens")
+            metrics.input_frames.labels("/v1/decode").inc(stop - start)
+            began = time.perf_counter()
+            pieces = await asyncio.gather(*(
+                engine.decode(parsed.triplane[k], (a, b)) for k, (a, b) in clip_ranges(lengths, config.frames, start, stop)
+            ))
+            metrics.phase.labels("/v1/decode", "inference").observe(time.perf_counter() - began)
+            metrics.tokens.labels("decode").inc(config.tokens * len(pieces))
+            video = torch.cat([p[0] for p in pieces]).numpy()
+            rate = fps or float(parsed.metadata.get("fps", 0) or media.FALLBACK_FPS)
+            began = time.perf_counter()
+            payload = await run_in_threadpool(encode_video, video, rate, out)
+            metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
+        return Response(payload, media_type=VIDEO_TYPES[out])
+
+    return app
+
+
+def warm_up(model: CoordTok, batch_max_frames: int) -> None:
+    """Run the largest configured batch once, so that running out of memory shows at start-up."""
+    c = model.config
+    clips = max(1, batch_max_frames // c.frames)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        triplane = model.encode(torch.zeros(clips, c.frames, c.height, c.width, 3, device=device))
+        model.decode_video(triplane, frames=(0, min(c.frames, c.decode_slice_frames)))
+
+
+def split_clips(frames: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [T, H, W, 3] -> clips uint8 [K, length, H, W, 3] (the last zero-padded) and their
+    valid frame counts [K]."""
+    k = math.ceil(len(frames) / length)
+    clips = np.zeros((k, length, *frames.shape[1:]), dtype=np.uint8)
+    clips.reshape(k * length, *frames.shape[1:])[: len(frames)] = frames
+    n_frames = [min(length, len(frames) - i * length) for i in range(k)]
+    return torch.from_numpy(clips), torch.tensor(n_frames)
+
+
+def clip_ranges(lengths: list[int], frames_per_clip: int, start: int, stop: int) -> list[tuple[int, tuple[int, int]]]:
+    """Global frames [start, stop) -> (clip index, local range) for every clip they touch."""
+    ranges = []
+    for k, length in enumerate(lengths):
+        first = k * frames_per_clip
+        a, b = max(start, first), min(stop, first + length)
+        if a < b:
+            ranges.append((k, (a - first, b - first)))
+    return ranges
+
+
+def _clip_lengths(parsed: tokens.Tokens, frames_per_clip: int) -> list[int]:
+    """Valid frames of each clip, from the metadata (every clip whole when absent)."""
+    try:
+        lengths = json.loads(parsed.metadata.get("n_frames", "null")) or [frames_per_clip] * parsed.clips
+        lengths = [int(n) for n in lengths]
+    except (TypeError, ValueError):
+        raise tokens.TokenError("metadata 'n_frames' must be a JSON list of frame counts") from None
+    if len(lengths) != parsed.clips or not all(1 <= n <= frames_per_clip for n in lengths):
+        raise tokens.TokenError(f"metadata 'n_frames' must list {parsed.clips} counts in [1, {frames_per_clip}]")
+    return lengths
+
+
+def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "npy":
+        np.save(buffer, frames, allow_pickle=False)
+    else:
+        media.write_video(frames, buffer, fps, codec=_VIDEO_CODECS[fmt])
+    return buffer.getvalue()
+
+
+def _format_from_accept(accept: str) -> str:
+    return next((fmt for fmt, mime in tokens.FORMATS.items() if mime in accept), "safetensors")
+
+
+def _token_format(content_type: str) -> str:
+    kind = content_type.split(";")[0].strip()
+    for fmt, mime in tokens.FORMATS.items():
+        if kind == mime:
+            return fmt
+    if kind in ("application/octet-stream", ""):
+        return "safetensors"
+    raise RequestError(f"unsupported token content type {kind!r}; send one of {sorted(tokens.FORMATS.values())}", 415)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > limit:
+        raise RequestError(f"the body is {declared} bytes; the limit is {limit}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the body exceeds the limit of {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def receive_upload(request: Request, settings: Settings) -> Path:
+    """Stream the uploaded video to a temporary file (raw body, or multipart field `file`),
+    refusing it with 413 past `max_upload_bytes`. The caller removes the file."""
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > limit:
+        raise RequestError(f"the upload is {declared} bytes; the limit is {limit}", 413)
+    handle = tempfile.NamedTemporaryFile(prefix="coordtok-", suffix=".upload", dir=settings.upload_dir, delete=False)
+    path = Path(handle.name)
+    try:
+        with handle:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await request.form(max_files=1, max_fields=0)
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise RequestError("send the video in the multipart field 'file'")
+                size = 0
+                while chunk := await upload.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(f"the upload exceeds the limit of {limit} bytes", 413)
+                    handle.write(chunk)
+                await form.close()
+            else:
+                size = 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(f"the upload exceeds the limit of {limit} bytes", 413)
+                    handle.write(chunk)
+        if size == 0:
+            raise RequestError("the upload is empty: send a video file", 422)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path

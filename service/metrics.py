@@ -1,0 +1,52 @@
+"""Prometheus metric families of the server, declared in one place (prefix `coordtok_`).
+
+Each app owns a registry, so tests can build many apps. Names and units follow Prometheus
+conventions (seconds, bytes, `_total` counters) and the families that users of TEI, vLLM and
+Triton Inference Server already chart; labels stay low-cardinality (route, status, reason, phase,
+kind, device: never a request id).
+"""
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BYTES_BUCKETS = tuple(2**k for k in range(10, 31, 2))  # 1 KiB .. 1 GiB
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+FRAMES_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("coordtok_requests", "Requests by route and HTTP status.", ["route", "status"], registry=r)
+        self.failures = Counter("coordtok_request_failures", "Failed requests by route and reason.", ["route", "reason"], registry=r)
+        self.cancelled = Counter("coordtok_requests_cancelled", "Requests whose client went away before the answer.", ["route"], registry=r)
+        self.duration = Histogram("coordtok_request_duration_seconds", "Request time from arrival to response.",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.phase = Histogram("coordtok_request_phase_seconds", "Request time per phase: queue, media_decode, inference, media_encode.",
+                               ["route", "phase"], buckets=LATENCY_BUCKETS, registry=r)
+        self.body_bytes = Histogram("coordtok_request_body_bytes", "Request body size.", ["route"], buckets=BYTES_BUCKETS, registry=r)
+        self.input_frames = Counter("coordtok_input_frames", "Video frames received (encode) or requested (decode).", ["route"], registry=r)
+        self.queue_size = Gauge("coordtok_queue_size", "Requests admitted and not yet answered.", registry=r)
+        self.running = Gauge("coordtok_requests_running", "Batches running on devices.", ["device"], registry=r)
+        self.batch_size = Histogram("coordtok_batch_size", "Requests per batch.", ["kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_frames = Histogram("coordtok_batch_frames", "Frames of work per batch.", ["kind"], buckets=FRAMES_BUCKETS, registry=r)
+        self.model_seconds = Histogram("coordtok_batch_duration_seconds", "Model time per batch.", ["kind", "device"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.frames = Counter("coordtok_frames_processed", "Frames encoded or decoded.", ["kind"], registry=r)
+        self.tokens = Counter("coordtok_tokens_processed", "Latent tokens produced (encode) or consumed (decode).", ["kind"], registry=r)
+        self.gpu_allocated = Gauge("coordtok_gpu_memory_allocated_bytes", "GPU memory allocated by tensors.", ["device"], registry=r)
+        self.gpu_reserved = Gauge("coordtok_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.", ["device"], registry=r)
+        self.oom = Counter("coordtok_out_of_memory", "Batches that ran out of device memory.", ["device"], registry=r)
+        self.model_load = Gauge("coordtok_model_load_seconds", "Time to load and warm up the model, per device.", ["device"], registry=r)
+        self.ready = Gauge("coordtok_ready", "1 when the server accepts work.", registry=r)
+        self.build = Info("coordtok_build", "Server build.", registry=r)
+        self.model = Info("coordtok_model", "The served model.", registry=r)
+
+    def sample_devices(self, devices: list[str]) -> None:
+        """Refresh the GPU memory gauges (called at each scrape)."""
+        for device in devices:
+            if device.startswith("cuda"):
+                self.gpu_allocated.labels(device).set(torch.cuda.memory_allocated(device))
+                self.gpu_reserved.labels(device).set(torch.cuda.memory_reserved(device))

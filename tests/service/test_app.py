@@ -1,0 +1,136 @@
+"""The HTTP API against the real app with a small model: every route, format and error path."""
+import asyncio
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+
+from model import CoordTok, save_model
+from service.app import create_app
+from service.media import MediaLimits, read_frames, write_video
+from service.settings import Settings
+from tests.service.test_engine import CONFIG
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "small.safetensors"
+    save_model(CoordTok(CONFIG), path)
+    return path
+
+
+def settings(weights, **overrides) -> Settings:
+    return Settings(**{"model": str(weights), "devices": ["cpu"], "batch_wait_ms": 0, **overrides})
+
+
+def video_file(frames: int = 20, h: int = 24, w: int = 32, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames)[:, None, None, None]
+    y, x = np.arange(h)[None, :, None, None], np.arange(w)[None, None, :, None]
+    clip = 127 + 100 * np.sin(0.3 * x + 0.2 * y - 0.4 * t + rng.uniform(0, 6, 3))
+    buffer = io.BytesIO()
+    write_video(clip.astype(np.uint8), buffer, fps=10)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(weights):
+    with TestClient(create_app(settings(weights))) as c:
+        yield c
+
+
+def test_health_readiness_and_models(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"ready": True}
+    (entry,) = client.get("/v1/models").json()["models"]
+    assert entry["token_shape"] == {"xy": [4, 4, 4], "yt": [8, 4, 4], "xt": [8, 4, 4]} and entry["devices"] == ["cpu"]
+
+
+def test_encode_returns_tokens_of_every_clip_with_metadata(client):
+    response = client.post("/v1/encode", content=video_file(20), headers={"content-type": "video/mp4"})
+    assert response.status_code == 200, response.text
+    tensors = load_safetensors(response.content)
+    assert tensors["xy"].shape == (3, 4, 4, 4)  # 20 frames -> clips of 8, 8 and 4
+    header_len = int.from_bytes(response.content[:8], "little")
+    meta = json.loads(response.content[8 : 8 + header_len])["__metadata__"]
+    assert json.loads(meta["n_frames"]) == [8, 8, 4] and meta["source_size"] == "[24, 32]"
+
+
+@pytest.mark.parametrize("fmt", ["npz", "json"])
+def test_encode_formats_and_multipart_upload(client, fmt):
+    files = {"file": ("clip.mp4", video_file(8), "video/mp4")}
+    response = client.post(f"/v1/encode?format={fmt}", files=files)
+    assert response.status_code == 200, response.text
+    back = client.post("/v1/decode?format=npy", content=response.content, headers={"content-type": response.headers["content-type"]})
+    assert back.status_code == 200, back.text
+    assert np.load(io.BytesIO(back.content)).shape == (8, 16, 16, 3)
+
+
+def test_decode_mp4_is_playable_and_frame_ranges_equal_a_full_decode(client):
+    tokens = client.post("/v1/encode", content=video_file(20), headers={"content-type": "video/mp4"}).content
+    kind = {"content-type": "application/vnd.coordtok.tokens+safetensors"}
+    full = np.load(io.BytesIO(client.post("/v1/decode?format=npy", content=tokens, headers=kind).content))
+    assert full.shape == (20, 16, 16, 3) and full.dtype == np.uint8
+    part = np.load(io.BytesIO(client.post("/v1/decode?format=npy&start=6&end=13", content=tokens, headers=kind).content))
+    assert np.array_equal(part, full[6:13])
+    mp4 = client.post("/v1/decode", content=tokens, headers=kind)
+    assert mp4.headers["content-type"] == "video/mp4"
+    frames, _, _ = read_frames(io.BytesIO(mp4.content), MediaLimits())
+    assert frames.shape == (20, 16, 16, 3)
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"", 422, "empty"),
+    (b"this is not a video at all" * 10, 415, ""),
+])
+def test_bad_uploads_get_clear_errors(client, body, status, message):
+    response = client.post("/v1/encode", content=body, headers={"content-type": "video/mp4"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_bad_tokens_and_ranges_get_clear_errors(client):
+    kind = {"content-type": "application/vnd.coordtok.tokens+safetensors"}
+    tokens = client.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"}).content
+    assert client.post("/v1/decode?start=5&end=9", content=tokens, headers=kind).status_code == 422
+    assert client.post("/v1/decode", content=tokens[:100], headers=kind).status_code == 422
+    assert client.post("/v1/decode", content=tokens, headers={"content-type": "text/plain"}).status_code == 415
+    nan = json.dumps({"xy": [[[[float("nan")] * 4] * 4] * 4], "yt": [[[[0.0] * 4] * 4] * 8], "xt": [[[[0.0] * 4] * 4] * 8]})
+    response = client.post("/v1/decode", content=nan, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "NaN" in response.json()["error"]["message"]
+
+
+def test_uploads_over_the_limit_get_413(weights):
+    with TestClient(create_app(settings(weights, max_upload_bytes=1000))) as c:
+        response = c.post("/v1/encode", content=video_file(20), headers={"content-type": "video/mp4"})
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_concurrent_requests_are_batched_and_equal_sequential_ones(weights):
+    app = create_app(settings(weights, batch_wait_ms=300))
+    bodies = [video_file(8, seed=s) for s in range(3)]
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                post = lambda b: c.post("/v1/encode", content=b, headers={"content-type": "video/mp4"})
+                together = await asyncio.gather(*(post(b) for b in bodies))
+                one_by_one = [await post(b) for b in bodies]
+                scrape = (await c.get("/metrics")).text
+        return together, one_by_one, scrape
+
+    together, one_by_one, scrape = asyncio.run(run())
+    for a, b in zip(together, one_by_one):
+        torch.testing.assert_close(load_safetensors(a.content)["xy"], load_safetensors(b.content)["xy"], rtol=1e-5, atol=1e-5)
+    value = lambda name: next(float(x.split()[-1]) for x in scrape.splitlines() if x.startswith(name))
+    single = value('coordtok_batch_size_bucket{kind="encode",le="1.0"}')
+    batches = value('coordtok_batch_size_count{kind="encode"}')
+    assert single < batches  # at least one batch held more than one request
