@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import sys
@@ -67,6 +68,66 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(**({"model": args.model} if args.model else {}))
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    return 0
+
+
+async def _with_client(args: argparse.Namespace, action):
+    """Run `action(client)` against --server, or against the app in this process."""
+    import httpx
+
+    from service.client import AsyncClient
+
+    if args.server:
+        async with AsyncClient(args.server, api_key=args.api_key) as client:
+            return await action(client)
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(**({"model": args.model} if args.model else {})))
+    async with app.router.lifespan_context(app):
+        async with AsyncClient("http://in-process", transport=httpx.ASGITransport(app=app)) as client:
+            return await action(client)
+
+
+def _token_format(path: str) -> str:
+    suffix = Path(path).suffix.lstrip(".")
+    if suffix not in ("safetensors", "npz", "json"):
+        raise ValueError(f"{path}: token files end in .safetensors, .npz or .json")
+    return suffix
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from service import tokens
+
+    fmt = _token_format(args.output)
+    result = asyncio.run(_with_client(args, lambda c: c.encode(args.video, resize=args.resize, fps=args.fps)))
+    Path(args.output).write_bytes(tokens.serialise(result, fmt))
+    print(f"wrote {args.output}: {result.clips} clip(s), frames {result.metadata.get('n_frames')}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from service import tokens
+
+    parsed = tokens.parse(Path(args.tokens).read_bytes(), _token_format(args.tokens), None, max_clips=1 << 20)
+    frames = tuple(int(x) for x in args.frames.split(":")) if args.frames else None
+    fmt = Path(args.output).suffix.lstrip(".")
+    if fmt not in ("mp4", "webm", "npy"):
+        raise ValueError(f"{args.output}: the output ends in .mp4, .webm or .npy")
+    data = asyncio.run(_with_client(args, lambda c: c.decode(parsed, frames=frames, fmt=fmt, fps=args.fps)))
+    Path(args.output).write_bytes(data)
+    print(f"wrote {args.output} ({len(data):,} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordtok", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     roundtrip.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     roundtrip.add_argument("--seed", type=int, default=0)
     roundtrip.set_defaults(run=cmd_roundtrip)
+
+    serve = commands.add_parser("serve", help="start the HTTP server (settings from COORDTOK_* variables)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None, help="a .safetensors path or preset (default: the bundled model)")
+    serve.set_defaults(run=cmd_serve)
+
+    for name, helptext in [("encode", "a video file -> a token file"), ("decode", "a token file -> a video")]:
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("video" if name == "encode" else "tokens")
+        sub.add_argument("-o", "--output", required=True,
+                         help=".safetensors/.npz/.json" if name == "encode" else ".mp4/.webm/.npy")
+        sub.add_argument("--server", default=None, help="server URL (default: run the model in this process)")
+        sub.add_argument("--api-key", default=None)
+        sub.add_argument("--model", default=None, help="in-process only: a .safetensors path or preset")
+        sub.add_argument("--fps", type=float, default=None)
+        if name == "encode":
+            sub.add_argument("--resize", choices=["crop", "pad", "stretch"], default="crop")
+            sub.set_defaults(run=cmd_encode)
+        else:
+            sub.add_argument("--frames", default=None, help="A:B, the frame range to decode")
+            sub.set_defaults(run=cmd_decode)
 
     importer = commands.add_parser("import-official", help="convert a checkpoint of the public implementation")
     importer.add_argument("checkpoint", help="the public trainer's .pth checkpoint")

@@ -72,15 +72,16 @@ def serialise(tokens: Tokens, fmt: str) -> bytes:
     raise ValueError(f"unknown token format {fmt!r}; choose one of {sorted(FORMATS)}")
 
 
-def parse(data: bytes, fmt: str, config: CoordTokConfig, max_clips: int, model_id: str | None = None) -> Tokens:
+def parse(data: bytes, fmt: str, config: CoordTokConfig | None, max_clips: int, model_id: str | None = None) -> Tokens:
     """Bytes of a token file -> validated Tokens on CPU (float32).
 
+    `config` fixes the planes' shapes (None accepts any, for clients reading a server's answer);
     `max_clips` bounds K before any tensor is allocated; `model_id`, when given, must equal the
     file's `model_id` metadata if the file has one.
     """
     if fmt not in FORMATS:
         raise TokenError(f"unknown token format {fmt!r}; send one of {sorted(FORMATS)}")
-    expected = plane_shapes(config)
+    expected = plane_shapes(config) if config is not None else {}
     planes, metadata = {"safetensors": _read_safetensors, "npz": _read_npz, "json": _read_json}[fmt](
         data, expected, max_clips
     )

@@ -134,3 +134,35 @@ def test_concurrent_requests_are_batched_and_equal_sequential_ones(weights):
     single = value('coordtok_batch_size_bucket{kind="encode",le="1.0"}')
     batches = value('coordtok_batch_size_count{kind="encode"}')
     assert single < batches  # at least one batch held more than one request
+
+
+def test_sync_client_against_a_running_server(weights, tmp_path):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.client import Client, ServerError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings(weights)), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        (tmp_path / "clip.mp4").write_bytes(video_file(12))
+        with Client(f"http://127.0.0.1:{port}") as client:
+            tokens = client.encode(tmp_path / "clip.mp4")
+            assert tokens.clips == 2 and tokens.metadata["n_frames"] == "[8, 4]"
+            assert client.decode_frames(tokens, frames=(3, 11)).shape == (8, 16, 16, 3)
+            with pytest.raises(ServerError, match="422"):
+                client.decode_frames(tokens, frames=(0, 40))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

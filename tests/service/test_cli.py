@@ -50,3 +50,23 @@ def test_load_model_rejects_a_file_that_is_not_a_coordtok_model(tmp_path):
         load_model(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError, match="no model file"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_encode_and_decode_commands_in_process(tmp_path):
+    import io
+
+    import numpy as np
+
+    from model import CoordTok, save_model
+    from service.media import MediaLimits, read_frames, write_video
+    from tests.service.test_engine import CONFIG
+
+    torch.manual_seed(0)
+    save_model(CoordTok(CONFIG), tmp_path / "small.safetensors")
+    frames = (np.random.default_rng(0).uniform(0, 255, (12, 20, 20, 3))).astype(np.uint8)
+    write_video(frames, tmp_path / "clip.mp4", fps=12)
+    model = ["--model", str(tmp_path / "small.safetensors")]
+    assert main(["encode", str(tmp_path / "clip.mp4"), "-o", str(tmp_path / "t.npz"), *model]) == 0
+    assert main(["decode", str(tmp_path / "t.npz"), "-o", str(tmp_path / "out.mp4"), "--frames", "2:10", *model]) == 0
+    decoded, info, _ = read_frames(tmp_path / "out.mp4", MediaLimits())
+    assert decoded.shape == (8, 16, 16, 3) and abs(info.fps - 12) < 0.01
