@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import io
 import json
+import logging
 import math
+import re
 import tempfile
 import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,6 +36,10 @@ from service.engine import BatchStats, Engine, EngineError
 from service.metrics import Metrics
 from service.settings import Settings
 
+log = logging.getLogger("coordtok.service")
+# Routes open without an API key: liveness, readiness and metrics.
+_OPEN_ROUTES = {"/healthz", "/readyz", "/metrics"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 VIDEO_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "npy": "application/x-npy"}
 _VIDEO_CODECS = {"mp4": "h264", "webm": "vp9"}
 
@@ -109,16 +117,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"Retry-After": "1"} if status == 503 else None
         return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, status, headers=headers)
 
+    keys = [key.get_secret_value().encode() for key in settings.api_keys]
+
     @app.middleware("http")
-    async def count(request: Request, call_next):
+    async def observe(request: Request, call_next):
+        """Authenticate, give the request an id, count it and log it (never the key)."""
         started = time.perf_counter()
         route = request.url.path
-        response = await call_next(request)
+        request_id = request.headers.get("x-request-id", "")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        if keys and route not in _OPEN_ROUTES and not _authorised(request.headers.get("authorization", ""), keys):
+            response = JSONResponse({"error": {"type": "Unauthorized", "message": "send a valid API key as 'Authorization: Bearer KEY'"}},
+                                    401, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        seconds = time.perf_counter() - started
         if route.startswith("/v1/"):
             metrics.requests.labels(route, str(response.status_code)).inc()
-            metrics.duration.labels(route).observe(time.perf_counter() - started)
+            metrics.duration.labels(route).observe(seconds)
             if response.status_code >= 400:
                 metrics.failures.labels(route, str(response.status_code)).inc()
+        log.info("request", extra={"request_id": request_id, "method": request.method, "route": route,
+                                   "status": response.status_code, "seconds": round(seconds, 4)})
         return response
 
     @app.get("/healthz")
@@ -224,6 +246,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(payload, media_type=VIDEO_TYPES[out])
 
     return app
+
+
+def _authorised(header: str, keys: list[bytes]) -> bool:
+    """Constant-time comparison of a bearer token with every configured key."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return any([hmac.compare_digest(token.encode(), key) for key in keys])
 
 
 def warm_up(model: CoordTok, batch_max_frames: int) -> None:

@@ -72,10 +72,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import configure_logging
     from service.settings import Settings
 
     settings = Settings(**({"model": args.model} if args.model else {}))
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    configure_logging(settings.log_format)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=int(settings.drain_timeout_s))
     return 0
 
 

@@ -166,3 +166,28 @@ def test_sync_client_against_a_running_server(weights, tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_api_keys_guard_every_route_but_health_and_metrics(weights, caplog):
+    import logging
+
+    with TestClient(create_app(settings(weights, api_keys=["s3cret-key"]))) as c, caplog.at_level(logging.INFO, "coordtok.service"):
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/v1/models").status_code == 401
+        wrong = c.get("/v1/models", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        ok = c.get("/v1/models", headers={"authorization": "Bearer s3cret-key", "x-request-id": "abc-123"})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "abc-123"
+    assert "s3cret-key" not in caplog.text
+    assert any(getattr(r, "request_id", None) == "abc-123" and r.status == 200 for r in caplog.records)
+
+
+def test_json_log_lines_carry_the_request_fields():
+    import logging
+
+    from service.logs import JsonFormatter
+
+    record = logging.LogRecord("coordtok.service", logging.INFO, __file__, 1, "request", (), None)
+    record.request_id, record.status = "r1", 503
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "r1" and line["status"] == 503 and line["level"] == "info"
