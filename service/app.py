@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.model_seconds.labels(stats.kind, stats.device).observe(stats.seconds)
         if stats.ok:
             metrics.frames.labels(stats.kind).inc(stats.frames)
+        if stats.out_of_memory:
+            metrics.oom.labels(stats.device).inc()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

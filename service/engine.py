@@ -42,6 +42,21 @@ class DeadlineExceeded(EngineError):
     http_status = 504
 
 
+class DeviceFailure(EngineError):
+    """The batch holding this request failed on its device (503 when out of memory: retry)."""
+
+    def __init__(self, message: str, out_of_memory: bool) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+        self.http_status = 503 if out_of_memory else 500
+
+    @classmethod
+    def of(cls, error: Exception, device: torch.device) -> DeviceFailure:
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+            return cls(f"{device} ran out of memory on a batch holding this request; retry, or send fewer clips", True)
+        return cls(f"the batch holding this request failed on {device}: {type(error).__name__}: {error}", False)
+
+
 class NotReady(EngineError):
     """The server is starting, draining or its devices are failing."""
 
@@ -92,6 +107,7 @@ class BatchStats:
     frames: int
     seconds: float
     ok: bool
+    out_of_memory: bool = False
 
 
 class DeviceWorker:
@@ -170,20 +186,36 @@ class DeviceWorker:
             try:
                 results = self.run(batch)
             except Exception as error:  # a failed batch fails its requests, not the worker
-                self.healthy = False
+                failure = DeviceFailure.of(error, self.device)
                 for work in batch:
-                    work.finish(error=error)
-                self._report(batch, started, ok=False)
+                    work.finish(error=failure)
+                self._report(batch, started, ok=False, out_of_memory=failure.out_of_memory)
+                self.healthy = self.probe()
                 continue
             self.healthy = True
             for work, result in zip(batch, results):
                 work.finish(result)
             self._report(batch, started, ok=True)
 
-    def _report(self, batch: list[Work], started: float, ok: bool) -> None:
+    @torch.inference_mode()
+    def probe(self) -> bool:
+        """A tiny forward pass (one patch decoded from a zero triplane): is the device usable?"""
+        c = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        try:
+            zeros = Triplane(*(torch.zeros(1, *shape, device=self.device, dtype=dtype) for shape in (
+                (c.latent_res_xy, c.latent_res_xy, c.latent_channels),
+                (c.latent_res_t, c.latent_res_xy, c.latent_channels),
+                (c.latent_res_t, c.latent_res_xy, c.latent_channels))))
+            self.model.decode(zeros, torch.zeros(1, 1, 3, device=self.device))
+            return True
+        except Exception:
+            return False
+
+    def _report(self, batch: list[Work], started: float, ok: bool, out_of_memory: bool = False) -> None:
         if self.on_batch is not None:
             self.on_batch(BatchStats(str(self.device), batch[0].kind, len(batch), sum(w.cost for w in batch),
-                                     time.perf_counter() - started, ok))
+                                     time.perf_counter() - started, ok, out_of_memory))
 
     @torch.inference_mode()
     def run(self, batch: list[Work]) -> list:

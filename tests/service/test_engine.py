@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import CoordTok, CoordTokConfig
-from service.engine import DeadlineExceeded, Engine, NotReady, QueueFull
+from service.engine import DeadlineExceeded, DeviceFailure, Engine, NotReady, QueueFull
 
 CONFIG = CoordTokConfig(
     frames=8, height=16, width=16, enc_dim=32, enc_heads=2, enc_patch_t=4, enc_patch_xy=8, enc_vit_layers=1,
@@ -114,11 +114,29 @@ def test_a_failed_batch_fails_its_requests_and_the_worker_recovers(model):
         return await engine.encode(clips(1, 6), torch.tensor([8]))
 
     try:
-        with pytest.raises(RuntimeError, match="out of memory"):
+        with pytest.raises(DeviceFailure, match="ran out of memory") as failure:
             asyncio.run(encode())
-        assert not engine.ready
+        assert failure.value.http_status == 503
+        assert engine.ready  # the probe found the device usable
         worker.run = real_run
         assert asyncio.run(encode()).batch_size == 1
         assert engine.ready
+    finally:
+        engine.stop()
+
+
+def test_a_device_that_keeps_failing_is_not_ready(model):
+    engine = make_engine(model, batch_wait_ms=0)
+    worker = engine.workers[0]
+    worker.run = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
+    worker.probe = lambda: False
+
+    async def encode():
+        return await engine.encode(clips(1, 7), torch.tensor([8]))
+
+    try:
+        with pytest.raises(DeviceFailure, match="device lost") as failure:
+            asyncio.run(encode())
+        assert failure.value.http_status == 500 and not engine.ready
     finally:
         engine.stop()
