@@ -221,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         end: int | None = Query(None, gt=0, description="frame after the last"),
         fps: float | None = Query(None, gt=0, le=240),
         format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
+        restore_size: bool = Query(False, description="scale back to the source size (resize=pad or stretch)"),
     ) -> Response:
         engine, config = state["engine"], state["config"]
         out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
@@ -241,6 +242,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.phase.labels("/v1/decode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("decode").inc(config.tokens * len(pieces))
             video = torch.cat([p[0] for p in pieces]).numpy()
+            if restore_size:
+                try:
+                    video = await run_in_threadpool(media.restore_source_size, video, _geometry(parsed, config))
+                except ValueError as error:
+                    raise RequestError(str(error)) from None
             rate = fps or float(parsed.metadata.get("fps", 0) or media.FALLBACK_FPS)
             began = time.perf_counter()
             payload = await run_in_threadpool(encode_video, video, rate, out)
@@ -299,6 +305,16 @@ def _clip_lengths(parsed: tokens.Tokens, frames_per_clip: int) -> list[int]:
     if len(lengths) != parsed.clips or not all(1 <= n <= frames_per_clip for n in lengths):
         raise tokens.TokenError(f"metadata 'n_frames' must list {parsed.clips} counts in [1, {frames_per_clip}]")
     return lengths
+
+
+def _geometry(parsed: tokens.Tokens, config) -> media.Geometry:
+    """The resize the tokens' video went through, from their metadata."""
+    try:
+        g = json.loads(parsed.metadata["geometry"])
+        return media.Geometry(g["policy"], tuple(json.loads(parsed.metadata["source_size"])), tuple(g["scaled"]),
+                              (config.height, config.width), tuple(g["crop"]), tuple(g["pad"]))
+    except (KeyError, TypeError, ValueError):
+        raise RequestError("restore_size needs the 'geometry' and 'source_size' metadata that /v1/encode writes") from None
 
 
 def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:

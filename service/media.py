@@ -532,3 +532,23 @@ def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
+
+
+def restore_source_size(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Undo `geometry` on output frames: uint8 `[T, H, W, 3]` -> `[T, source H, source W, 3]`.
+
+    Padding is removed and the picture scaled back to the source size. A crop cannot be undone
+    (the border it removed is gone): ValueError.
+    """
+    if tuple(geometry.crop) != (0, 0, *geometry.scaled):
+        raise ValueError("these frames were cropped from the source (resize=crop): the border is gone, so the "
+                         "source size cannot be restored; encode with resize=pad or resize=stretch to keep it")
+    top, left, height, width = geometry.pad
+    source_h, source_w = geometry.source
+    reformatter = VideoReformatter()
+    restored = np.empty((len(frames), source_h, source_w, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames[:, top : top + height, left : left + width]):
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        restored[i] = reformatter.reformat(picture, width=source_w, height=source_h, format="rgb24",
+                                           interpolation=Interpolation.BICUBIC).to_ndarray()
+    return restored

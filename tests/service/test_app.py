@@ -191,3 +191,13 @@ def test_json_log_lines_carry_the_request_fields():
     record.request_id, record.status = "r1", 503
     line = json.loads(JsonFormatter().format(record))
     assert line["request_id"] == "r1" and line["status"] == 503 and line["level"] == "info"
+
+
+def test_decode_restores_the_source_size_unless_cropped(client):
+    kind = {"content-type": "application/vnd.coordtok.tokens+safetensors"}
+    padded = client.post("/v1/encode?resize=pad", content=video_file(8, h=24, w=32), headers={"content-type": "video/mp4"}).content
+    frames = np.load(io.BytesIO(client.post("/v1/decode?format=npy&restore_size=true", content=padded, headers=kind).content))
+    assert frames.shape == (8, 24, 32, 3)
+    cropped = client.post("/v1/encode", content=video_file(8, h=24, w=32), headers={"content-type": "video/mp4"}).content
+    response = client.post("/v1/decode?format=npy&restore_size=true", content=cropped, headers=kind)
+    assert response.status_code == 422 and "resize=pad" in response.json()["error"]["message"]
