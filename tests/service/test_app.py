@@ -1,5 +1,7 @@
 """The HTTP API against the real app with a small model: every route, format and error path."""
 import asyncio
+import shutil
+import subprocess
 import io
 import json
 
@@ -201,3 +203,16 @@ def test_decode_restores_the_source_size_unless_cropped(client):
     cropped = client.post("/v1/encode", content=video_file(8, h=24, w=32), headers={"content-type": "video/mp4"}).content
     response = client.post("/v1/decode?format=npy&restore_size=true", content=cropped, headers=kind)
     assert response.status_code == 422 and "resize=pad" in response.json()["error"]["message"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed; .ci/run installs it")
+def test_metrics_pass_promtool_check(client):
+    client.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"})
+    client.get("/v1/models")
+    scrape = client.get("/metrics")
+    assert scrape.headers["content-type"].startswith("text/plain")
+    result = subprocess.run(["promtool", "check", "metrics"], input=scrape.text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for family in ("coordtok_requests_total", "coordtok_request_duration_seconds_bucket", "coordtok_batch_size_bucket",
+                   "coordtok_frames_processed_total", "coordtok_model_load_seconds", "coordtok_ready", "coordtok_model_info"):
+        assert family in scrape.text, family
