@@ -217,9 +217,14 @@ class DeviceWorker:
             self.on_batch(BatchStats(str(self.device), batch[0].kind, len(batch), sum(w.cost for w in batch),
                                      time.perf_counter() - started, ok, out_of_memory))
 
-    @torch.inference_mode()
     def run(self, batch: list[Work]) -> list:
-        """Run one batch as a single forward pass; returns each item's result in order."""
+        """Run one batch as a single forward pass (bf16 autocast on GPUs that support it);
+        returns each item's result in order."""
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self._forward(batch)
+
+    def _forward(self, batch: list[Work]) -> list:
         sizes = [len(w.clips) if w.kind == "encode" else w.triplane.batch_size for w in batch]
         if batch[0].kind == "encode":
             clips = torch.cat([w.clips for w in batch]).to(self.device)
