@@ -216,3 +216,39 @@ def test_metrics_pass_promtool_check(client):
     for family in ("coordtok_requests_total", "coordtok_request_duration_seconds_bucket", "coordtok_batch_size_bucket",
                    "coordtok_frames_processed_total", "coordtok_model_load_seconds", "coordtok_ready", "coordtok_model_info"):
         assert family in scrape.text, family
+
+
+def test_resolution_over_the_limit_is_refused_from_the_header(weights):
+    with TestClient(create_app(settings(weights, max_width=16, max_height=16))) as c:
+        response = c.post("/v1/encode", content=video_file(8, h=24, w=32), headers={"content-type": "video/mp4"})
+    assert response.status_code == 413 and "32" in response.json()["error"]["message"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(weights):
+    app = create_app(settings(weights, max_queue=1))
+    body = video_file(8)
+
+    async def run():
+        release = asyncio.Event()
+
+        async def slow_body():  # the first request holds its place while its upload "streams"
+            yield body[:100]
+            await release.wait()
+            yield body[100:]
+
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                first = asyncio.ensure_future(c.post("/v1/encode", content=slow_body(), headers={"content-type": "video/mp4"}))
+                for _ in range(500):
+                    await asyncio.sleep(0.01)
+                    if "coordtok_queue_size 1.0" in (await c.get("/metrics")).text:
+                        break
+                second = await c.post("/v1/encode", content=body, headers={"content-type": "video/mp4"})
+                release.set()
+                return await first, second
+
+    first, second = asyncio.run(run())
+    assert first.status_code == 200
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert "limit is 1" in second.json()["error"]["message"]
