@@ -28,6 +28,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 
 from model import CoordTok, PRESETS, load_model
 from model.checkpoint import DEFAULT_WEIGHTS
@@ -72,7 +73,6 @@ def model_identity(spec: str) -> tuple[str, str]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    state: dict = {}
 
     def on_batch(stats: BatchStats) -> None:
         metrics.batch_size.labels(stats.kind).observe(stats.requests)
@@ -98,7 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = Engine(models, settings.batch_max_frames, settings.batch_wait_ms, settings.max_queue,
                         settings.request_timeout_s, on_batch=on_batch)
         engine.start()
-        state.update(engine=engine, config=config, model_id=model_id, sha256=sha256, devices=devices)
+        app.state.engine, app.state.config, app.state.devices = engine, config, devices
+        app.state.model_id, app.state.sha256 = model_id, sha256
         metrics.ready.set(1)
         yield
         metrics.ready.set(0)
@@ -109,6 +110,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="CoordTok", version="0.1.0", lifespan=lifespan)
+    state = app.state  # engine, config, devices, model_id, sha256: set once the model is loaded
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.exception_handler(media.MediaError)
     @app.exception_handler(tokens.TokenError)
@@ -116,34 +122,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestError)
     async def known_error(request: Request, error: Exception) -> JSONResponse:
         status = getattr(error, "http_status", 422)
+        request.state.failure = type(error).__name__
         headers = {"Retry-After": "1"} if status == 503 else None
         return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, status, headers=headers)
 
-    keys = [key.get_secret_value().encode() for key in settings.api_keys]
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        """Authenticate, give the request an id, count it and log it (never the key)."""
-        started = time.perf_counter()
-        route = request.url.path
-        request_id = request.headers.get("x-request-id", "")
-        if not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
-        if keys and route not in _OPEN_ROUTES and not _authorised(request.headers.get("authorization", ""), keys):
-            response = JSONResponse({"error": {"type": "Unauthorized", "message": "send a valid API key as 'Authorization: Bearer KEY'"}},
-                                    401, headers={"WWW-Authenticate": "Bearer"})
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-ID"] = request_id
-        seconds = time.perf_counter() - started
-        if route.startswith("/v1/"):
-            metrics.requests.labels(route, str(response.status_code)).inc()
-            metrics.duration.labels(route).observe(seconds)
-            if response.status_code >= 400:
-                metrics.failures.labels(route, str(response.status_code)).inc()
-        log.info("request", extra={"request_id": request_id, "method": request.method, "route": route,
-                                   "status": response.status_code, "seconds": round(seconds, 4)})
-        return response
+    app.add_middleware(ObserveMiddleware, metrics=metrics, keys=[k.get_secret_value().encode() for k in settings.api_keys])
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -151,21 +134,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = "engine" in state and state["engine"].ready
+        ready = hasattr(state, "engine") and state.engine.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        if "engine" in state:
-            metrics.queue_size.set(state["engine"].in_system)
-            metrics.sample_devices(state["devices"])
+        if hasattr(state, "engine"):
+            metrics.queue_size.set(state.engine.in_system)
+            metrics.sample_devices(state.devices)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        config = state["config"]
+        config = state.config
         return {"models": [{
-            "id": state["model_id"], "weights_sha256": state["sha256"], "devices": state["devices"],
+            "id": state.model_id, "weights_sha256": state.sha256, "devices": state.devices,
             "config": json.loads(config.to_json()),
             "token_shape": {name: [*shape] for name, shape in tokens.plane_shapes(config).items()},
             "tokens_per_clip": config.tokens,
@@ -180,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         end: float | None = Query(None, gt=0, description="seconds"),
         format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
     ) -> Response:
-        engine, config = state["engine"], state["config"]
+        engine, config = state.engine, state.config
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
         with engine.admit():
             upload = await receive_upload(request, settings)
@@ -200,11 +183,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    f"{settings.max_clips} per request: send a shorter range (start/end)", 413)
             metrics.input_frames.labels("/v1/encode").inc(len(frames))
             began = time.perf_counter()
-            triplane = await engine.encode(clips, n_frames)
+            triplane = await unless_disconnected(request, engine.encode(clips, n_frames), metrics, "/v1/encode")
             metrics.phase.labels("/v1/encode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("encode").inc(config.tokens * len(clips))
             meta = {
-                "model_id": state["model_id"], "weights_sha256": state["sha256"],
+                "model_id": state.model_id, "weights_sha256": state.sha256,
                 "frames_per_clip": str(config.frames), "n_frames": json.dumps(n_frames.tolist()),
                 "source_fps": f"{info.fps:g}", "fps": f"{fps or info.fps:g}",
                 "source_size": json.dumps([info.height, info.width]),
@@ -223,12 +206,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
         restore_size: bool = Query(False, description="scale back to the source size (resize=pad or stretch)"),
     ) -> Response:
-        engine, config = state["engine"], state["config"]
+        engine, config = state.engine, state.config
         out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
         with engine.admit():
             body = await read_body(request, settings.max_upload_bytes)
             fmt = _token_format(request.headers.get("content-type", ""))
-            parsed = await run_in_threadpool(tokens.parse, body, fmt, config, settings.max_clips, state["model_id"])
+            parsed = await run_in_threadpool(tokens.parse, body, fmt, config, settings.max_clips, state.model_id)
             lengths = _clip_lengths(parsed, config.frames)
             total = sum(lengths)
             stop = total if end is None else end
@@ -236,9 +219,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise RequestError(f"the frame range [{start}, {stop}) must lie within the {total} frames of these tokens")
             metrics.input_frames.labels("/v1/decode").inc(stop - start)
             began = time.perf_counter()
-            pieces = await asyncio.gather(*(
+            pieces = await unless_disconnected(request, asyncio.gather(*(
                 engine.decode(parsed.triplane[k], (a, b)) for k, (a, b) in clip_ranges(lengths, config.frames, start, stop)
-            ))
+            )), metrics, "/v1/decode")
             metrics.phase.labels("/v1/decode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("decode").inc(config.tokens * len(pieces))
             video = torch.cat([p[0] for p in pieces]).numpy()
@@ -254,6 +237,73 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(payload, media_type=VIDEO_TYPES[out])
 
     return app
+
+
+class ObserveMiddleware:
+    """Authenticate, give each request an id (echoed in `X-Request-ID`), count it and log it
+    (never the key). Plain ASGI, so that routes still see the client's disconnect."""
+
+    def __init__(self, app, metrics: Metrics, keys: list[bytes]) -> None:
+        self.app, self.metrics, self.keys = app, metrics, keys
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        route = scope["path"]
+        request_id = headers.get("x-request-id", "")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        if self.keys and route not in _OPEN_ROUTES and not _authorised(headers.get("authorization", ""), self.keys):
+            refusal = JSONResponse({"error": {"type": "Unauthorized", "message": "send a valid API key as 'Authorization: Bearer KEY'"}},
+                                   401, headers={"WWW-Authenticate": "Bearer"})
+            await refusal(scope, receive, send_with_id)
+        else:
+            await self.app(scope, receive, send_with_id)
+        seconds = time.perf_counter() - started
+        if route.startswith("/v1/"):
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.duration.labels(route).observe(seconds)
+            if status >= 400:  # the reason: the error type a handler recorded, else the status
+                reason = scope.get("state", {}).get("failure", "Unauthorized" if status == 401 else f"http_{status}")
+                self.metrics.failures.labels(route, reason).inc()
+        log.info("request", extra={"request_id": request_id, "method": scope["method"], "route": route,
+                                   "status": status, "seconds": round(seconds, 4)})
+
+
+class ClientGone(Exception):
+    """The client disconnected while its work waited or ran."""
+
+
+async def unless_disconnected(request: Request, work, metrics: Metrics, route: str):
+    """Await `work` (engine calls), cancelling it if the client disconnects first: cancelled
+    work still queued is skipped by the engine. Counted in `coordtok_requests_cancelled`."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    metrics.cancelled.labels(route).inc()
+    raise ClientGone()
 
 
 def _authorised(header: str, keys: list[bytes]) -> bool:

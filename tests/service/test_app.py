@@ -2,6 +2,7 @@
 import asyncio
 import shutil
 import subprocess
+import time
 import io
 import json
 
@@ -252,3 +253,52 @@ def test_a_full_queue_answers_503_with_retry_after(weights):
     assert first.status_code == 200
     assert second.status_code == 503 and second.headers["retry-after"] == "1"
     assert "limit is 1" in second.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_frees_its_queued_work(weights):
+    """Raw ASGI: the upload arrives, then the client goes away while its work waits behind a
+    slow batch; the work is cancelled (never run) and counted."""
+    app = create_app(settings(weights))
+    body = video_file(8)
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            worker = app.state.engine.workers[0]
+            real_run, ran = worker.run, []
+            worker.run = lambda batch: (ran.append(len(batch)), time.sleep(0.5), real_run(batch))[2]
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                blocker = asyncio.ensure_future(c.post("/v1/encode", content=body, headers={"content-type": "video/mp4"}))
+                await asyncio.sleep(0.2)
+                messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+                async def receive():  # the upload, then the client is gone
+                    return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+                sent = []
+
+                async def send(message):
+                    sent.append(message)
+
+                scope = {"type": "http", "method": "POST", "path": "/v1/encode", "raw_path": b"/v1/encode",
+                         "query_string": b"", "headers": [(b"content-type", b"video/mp4")], "http_version": "1.1",
+                         "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+                await app(scope, receive, send)
+                await blocker
+                await asyncio.sleep(0.7)  # the worker would have taken the cancelled work by now
+                scrape = (await c.get("/metrics")).text
+            worker.run = real_run
+        return ran, sent, scrape
+
+    ran, sent, scrape = asyncio.run(run())
+    assert ran == [1]  # only the blocking request's batch ran
+    assert sent[0]["status"] == 499
+    assert 'coordtok_requests_cancelled_total{route="/v1/encode"} 1.0' in scrape
+
+
+def test_failures_are_counted_by_reason(client):
+    client.post("/v1/encode", content=b"not a video" * 20, headers={"content-type": "video/mp4"})
+    client.post("/v1/decode", content=b"{}", headers={"content-type": "application/json"})
+    scrape = client.get("/metrics").text
+    assert 'coordtok_request_failures_total{reason="UnsupportedMedia",route="/v1/encode"}' in scrape
+    assert 'coordtok_request_failures_total{reason="TokenError",route="/v1/decode"}' in scrape
