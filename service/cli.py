@@ -6,10 +6,12 @@ import asyncio
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+import uvicorn
 
 
 def moving_shapes_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -69,17 +71,39 @@ def cmd_import_official(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
     from service.logs import configure_logging
     from service.settings import Settings
 
     settings = Settings(**({"model": args.model} if args.model else {}))
     configure_logging(settings.log_format)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    DrainingServer(config, app, settings.drain_timeout_s).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM/SIGINT stops readiness and new work (503) at once,
+    then exits when the requests in flight are done or `drain_timeout_s` has passed."""
+
+    def __init__(self, config: uvicorn.Config, app, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.app, self.drain_timeout_s = app, drain_timeout_s
+
+    def handle_exit(self, sig, frame) -> None:
+        engine = getattr(self.app.state, "engine", None)
+        if engine is None or not engine.accepting:  # not started, or a second signal: exit now
+            return super().handle_exit(sig, frame)
+        engine.accepting = False
+
+        def drain() -> None:
+            deadline = time.monotonic() + self.drain_timeout_s
+            while engine.in_system and time.monotonic() < deadline:
+                time.sleep(0.05)
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        threading.Thread(target=drain, name="coordtok-drain", daemon=True).start()
 
 
 async def _with_client(args: argparse.Namespace, action):
