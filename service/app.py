@@ -390,53 +390,59 @@ def _token_format(content_type: str) -> str:
     raise RequestError(f"unsupported token content type {kind!r}; send one of {sorted(tokens.FORMATS.values())}", 415)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:
+async def bounded_chunks(request: Request, limit: int):
+    """The raw request body in chunks, refused with 413 as soon as it passes `limit` bytes
+    (at once when its declared length does)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the body is {declared} bytes; the limit is {limit}", 413)
-    chunks, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise RequestError(f"the body exceeds the limit of {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in bounded_chunks(request, limit)])
 
 
 async def receive_upload(request: Request, settings: Settings) -> Path:
     """Stream the uploaded video to a temporary file (raw body, or multipart field `file`),
     refusing it with 413 past `max_upload_bytes`. The caller removes the file."""
     limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:
-        raise RequestError(f"the upload is {declared} bytes; the limit is {limit}", 413)
     handle = tempfile.NamedTemporaryFile(prefix="coordtok-", suffix=".upload", dir=settings.upload_dir, delete=False)
     path = Path(handle.name)
     try:
         with handle:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                form = await request.form(max_files=1, max_fields=0)
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
-                    raise RequestError("send the video in the multipart field 'file'")
-                size = 0
-                while chunk := await upload.read(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestError(f"the upload exceeds the limit of {limit} bytes", 413)
-                    handle.write(chunk)
-                await form.close()
+                await _save_multipart_file(request, handle, limit)
             else:
-                size = 0
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestError(f"the upload exceeds the limit of {limit} bytes", 413)
+                async for chunk in bounded_chunks(request, limit):
                     handle.write(chunk)
-        if size == 0:
-            raise RequestError("the upload is empty: send a video file", 422)
+        if path.stat().st_size == 0:
+            raise RequestError("the upload is empty: send a video file")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+async def _save_multipart_file(request: Request, handle, limit: int) -> None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the upload is {declared} bytes; the limit is {limit}", 413)
+    form = await request.form(max_files=1, max_fields=0)
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError("send the video in the multipart field 'file'")
+        size = 0
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"the upload exceeds the limit of {limit} bytes", 413)
+            handle.write(chunk)
+    finally:
+        await form.close()
