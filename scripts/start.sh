@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run an encode/decode round trip of a generated clip.
-# Extra arguments go to `coordtok roundtrip` (see `coordtok roundtrip --help`).
+# Set up .venv if needed, then start the server on the bundled default tokenizer.
+# Extra arguments go to `coordtok serve` (see `coordtok serve --help`); settings: COORDTOK_* variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# No bundled default model yet: the random-weight coordtok-tiny preset shows the pipeline.
-[ $# -gt 0 ] || set -- --model coordtok-tiny
-exec .venv/bin/coordtok roundtrip "$@"
+exec .venv/bin/coordtok serve "$@"
