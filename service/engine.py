@@ -182,6 +182,9 @@ class DeviceWorker:
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
+            batch = [work for work in batch if not work.future.cancelled()]  # gone while the batch filled
+            if not batch:
+                continue
             started = time.perf_counter()
             try:
                 results = self.run(batch)

@@ -302,3 +302,18 @@ def test_failures_are_counted_by_reason(client):
     scrape = client.get("/metrics").text
     assert 'coordtok_request_failures_total{reason="UnsupportedMedia",route="/v1/encode"}' in scrape
     assert 'coordtok_request_failures_total{reason="TokenError",route="/v1/decode"}' in scrape
+
+
+def test_decode_to_webm_by_accept_header(client):
+    tokens = client.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"}).content
+    response = client.post("/v1/decode", content=tokens, headers={
+        "content-type": "application/vnd.coordtok.tokens+safetensors", "accept": "video/webm"})
+    assert response.status_code == 200 and response.headers["content-type"] == "video/webm"
+    frames, info, _ = read_frames(io.BytesIO(response.content), MediaLimits())
+    assert frames.shape == (8, 16, 16, 3) and info.codec == "vp9"
+
+
+def test_a_request_past_its_deadline_answers_504(weights):
+    with TestClient(create_app(settings(weights, request_timeout_s=0.5, batch_wait_ms=2000))) as c:
+        response = c.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"})
+    assert response.status_code == 504 and "0.5 s" in response.json()["error"]["message"]
