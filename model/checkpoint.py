@@ -2,6 +2,7 @@
 trainer checkpoints. Nothing here unpickles arbitrary objects."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -58,6 +59,15 @@ def save_model(model: CoordTok, path: str | Path, metadata: dict[str, str] | Non
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks: the identity of a weights file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

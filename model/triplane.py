@@ -5,7 +5,8 @@ an axis maps to the normalised coordinate i / (n - 1) in [0, 1] (float32, comput
 way, as the public implementation does). A coordinate row is (t, x, y): x is the height (row)
 axis, y the width (column) axis.
 
-Patch values are laid out (pt, px, py, rgb), flattened.
+Patch values are laid out (pt, px, py, rgb), flattened. Pixels are RGB in [-1, 1] for the model;
+`from_uint8` and `to_uint8` convert from and to 8-bit frames.
 """
 from __future__ import annotations
 
@@ -58,8 +59,29 @@ class Triplane:
     def cat(triplanes: list[Triplane]) -> Triplane:
         return Triplane(*(torch.cat(planes) for planes in zip(*(t.planes() for t in triplanes))))
 
-    def repeat_interleave(self, repeats: int) -> Triplane:
-        return Triplane(*(p.repeat_interleave(repeats, dim=0) for p in self.planes()))
+    def split(self, sizes: list[int]) -> list[Triplane]:
+        """Cut the batch into consecutive groups of `sizes` clips."""
+        return [Triplane(*parts) for parts in zip(*(p.split(sizes) for p in self.planes()))]
+
+
+def split_clips(frames: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames [T, H, W, 3] -> consecutive clips [K, length, H, W, 3] (the last zero-padded)
+    and their valid frame counts [K], the model's input for a video of any length."""
+    k = -(-len(frames) // length)
+    clips = frames.new_zeros((k * length, *frames.shape[1:]))
+    clips[: len(frames)] = frames
+    n_frames = torch.tensor([min(length, len(frames) - i * length) for i in range(k)])
+    return clips.view(k, length, *frames.shape[1:]), n_frames
+
+
+def from_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3] -> float32 in [-1, 1]."""
+    return frames.float() / 127.5 - 1.0
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] (clamped) -> uint8, rounded."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def patch_counts(config: CoordTokConfig) -> tuple[int, int, int]:

@@ -9,12 +9,11 @@ decode: token file (bounded, validated) -> engine (only the requested frames) ->
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
+import importlib.metadata
 import io
 import json
 import logging
-import math
 import re
 import tempfile
 import time
@@ -31,13 +30,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
 from model import CoordTok, PRESETS, load_model
-from model.checkpoint import DEFAULT_WEIGHTS
+from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
+from model.triplane import split_clips
 from service import media, tokens
 from service.engine import BatchStats, Engine, EngineError
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("coordtok.service")
+try:
+    VERSION = importlib.metadata.version("coordtok")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not installed
+    VERSION = "unknown"
 # Routes open without an API key: liveness, readiness and metrics.
 _OPEN_ROUTES = {"/healthz", "/readyz", "/metrics"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -66,13 +70,14 @@ def model_identity(spec: str) -> tuple[str, str]:
     if spec in PRESETS:
         return f"{spec}@random", ""
     path = Path(spec) if spec else DEFAULT_WEIGHTS
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     return f"{path.stem}@{digest[:12]}", digest
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    metrics.build.info({"version": VERSION, "torch": torch.__version__})
 
     def on_batch(stats: BatchStats) -> None:
         metrics.batch_size.labels(stats.kind).observe(stats.requests)
@@ -109,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.sleep(0.05)
         engine.stop()
 
-    app = FastAPI(title="CoordTok", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="CoordTok", version=VERSION, lifespan=lifespan)
     state = app.state  # engine, config, devices, model_id, sha256: set once the model is loaded
 
     @app.exception_handler(ClientGone)
@@ -141,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         if hasattr(state, "engine"):
             metrics.queue_size.set(state.engine.in_system)
+            for worker in state.engine.workers:
+                metrics.running.labels(str(worker.device)).set(worker.running)
             metrics.sample_devices(state.devices)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -167,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
         with engine.admit():
             upload = await receive_upload(request, settings)
+            metrics.body_bytes.labels("/v1/encode").observe(upload.stat().st_size)
             try:
                 began = time.perf_counter()
                 frames, info, geometry = await run_in_threadpool(
@@ -177,7 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 upload.unlink(missing_ok=True)
             if len(frames) == 0:
                 raise RequestError("the video has no frames in the requested time range")
-            clips, n_frames = split_clips(frames, config.frames)
+            clips, n_frames = split_clips(torch.from_numpy(frames), config.frames)
             if len(clips) > settings.max_clips:
                 raise RequestError(f"the video makes {len(clips)} clips of {config.frames} frames; at most "
                                    f"{settings.max_clips} per request: send a shorter range (start/end)", 413)
@@ -210,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
         with engine.admit():
             body = await read_body(request, settings.max_upload_bytes)
+            metrics.body_bytes.labels("/v1/decode").observe(len(body))
             fmt = _token_format(request.headers.get("content-type", ""))
             parsed = await run_in_threadpool(tokens.parse, body, fmt, config, settings.max_clips, state.model_id)
             lengths = _clip_lengths(parsed, config.frames)
@@ -322,16 +331,6 @@ def warm_up(model: CoordTok, batch_max_frames: int) -> None:
     with torch.inference_mode():
         triplane = model.encode(torch.zeros(clips, c.frames, c.height, c.width, 3, device=device))
         model.decode_video(triplane, frames=(0, min(c.frames, c.decode_slice_frames)))
-
-
-def split_clips(frames: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [T, H, W, 3] -> clips uint8 [K, length, H, W, 3] (the last zero-padded) and their
-    valid frame counts [K]."""
-    k = math.ceil(len(frames) / length)
-    clips = np.zeros((k, length, *frames.shape[1:]), dtype=np.uint8)
-    clips.reshape(k * length, *frames.shape[1:])[: len(frames)] = frames
-    n_frames = [min(length, len(frames) - i * length) for i in range(k)]
-    return torch.from_numpy(clips), torch.tensor(n_frames)
 
 
 def clip_ranges(lengths: list[int], frames_per_clip: int, start: int, stop: int) -> list[tuple[int, tuple[int, int]]]:

@@ -124,7 +124,7 @@ async def _with_client(args: argparse.Namespace, action):
             return await action(client)
 
 
-def _token_format(path: str) -> str:
+def _token_format_of(path: str) -> str:
     suffix = Path(path).suffix.lstrip(".")
     if suffix not in ("safetensors", "npz", "json"):
         raise ValueError(f"{path}: token files end in .safetensors, .npz or .json")
@@ -134,7 +134,7 @@ def _token_format(path: str) -> str:
 def cmd_encode(args: argparse.Namespace) -> int:
     from service import tokens
 
-    fmt = _token_format(args.output)
+    fmt = _token_format_of(args.output)
     result = asyncio.run(_with_client(args, lambda c: c.encode(args.video, resize=args.resize, fps=args.fps)))
     Path(args.output).write_bytes(tokens.serialise(result, fmt))
     print(f"wrote {args.output}: {result.clips} clip(s), frames {result.metadata.get('n_frames')}")
@@ -144,7 +144,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     from service import tokens
 
-    parsed = tokens.parse(Path(args.tokens).read_bytes(), _token_format(args.tokens), None, max_clips=1 << 20)
+    parsed = tokens.parse(Path(args.tokens).read_bytes(), _token_format_of(args.tokens), None, max_clips=1 << 20)
     frames = tuple(int(x) for x in args.frames.split(":")) if args.frames else None
     fmt = Path(args.output).suffix.lstrip(".")
     if fmt not in ("mp4", "webm", "npy"):

@@ -20,7 +20,7 @@ import numpy as np
 from service import tokens as token_files
 from service.tokens import Tokens
 
-VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska", ".mov": "video/quicktime"}
+UPLOAD_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska", ".mov": "video/quicktime"}
 
 
 class ServerError(RuntimeError):
@@ -40,7 +40,7 @@ def _encode_request(path: str | Path, fmt: str, options: dict) -> dict:
     return {
         "url": "/v1/encode", "params": {"format": fmt, **{k: v for k, v in options.items() if v is not None}},
         "content": path.read_bytes(),
-        "headers": {"content-type": VIDEO_TYPES.get(path.suffix.lower(), "application/octet-stream")},
+        "headers": {"content-type": UPLOAD_TYPES.get(path.suffix.lower(), "application/octet-stream")},
     }
 
 

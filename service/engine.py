@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from model import CoordTok, Triplane
+from model.triplane import from_uint8, to_uint8
 
 
 class EngineError(Exception):
@@ -121,6 +122,7 @@ class DeviceWorker:
         self.pending: deque[Work] = deque()
         self.pending_cost = 0  # frames of work waiting: the load that routing balances
         self.healthy = True  # the last batch succeeded
+        self.running = 0  # requests in the batch running now
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -186,16 +188,18 @@ class DeviceWorker:
             if not batch:
                 continue
             started = time.perf_counter()
+            self.running = len(batch)
             try:
                 results = self.run(batch)
             except Exception as error:  # a failed batch fails its requests, not the worker
+                self.running = 0
                 failure = DeviceFailure.of(error, self.device)
                 for work in batch:
                     work.finish(error=failure)
                 self._report(batch, started, ok=False, out_of_memory=failure.out_of_memory)
                 self.healthy = self.probe()
                 continue
-            self.healthy = True
+            self.healthy, self.running = True, 0
             for work, result in zip(batch, results):
                 work.finish(result)
             self._report(batch, started, ok=True)
@@ -230,23 +234,12 @@ class DeviceWorker:
     def _forward(self, batch: list[Work]) -> list:
         sizes = [len(w.clips) if w.kind == "encode" else w.triplane.batch_size for w in batch]
         if batch[0].kind == "encode":
-            clips = torch.cat([w.clips for w in batch]).to(self.device)
-            video = clips.float().div_(127.5).sub_(1.0)
+            video = from_uint8(torch.cat([w.clips for w in batch]).to(self.device))
             n_frames = torch.cat([w.n_frames for w in batch]).to(self.device)
-            triplane = self.model.encode(video, n_frames).to("cpu", torch.float32)
-            return [triplane[slice(a, a + n)] for a, n in zip(_offsets(sizes), sizes)]
+            return self.model.encode(video, n_frames).to("cpu", torch.float32).split(sizes)
         triplane = Triplane.cat([w.triplane for w in batch]).to(self.device, next(self.model.parameters()).dtype)
         video = self.model.decode_video(triplane, frames=batch[0].frames)
-        pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        return list(pixels.split(sizes))
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for n in sizes:
-        out.append(total)
-        total += n
-    return out
+        return list(to_uint8(video).cpu().split(sizes))
 
 
 class Engine:

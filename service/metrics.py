@@ -29,7 +29,7 @@ class Metrics:
         self.body_bytes = Histogram("coordtok_request_body_bytes", "Request body size.", ["route"], buckets=BYTES_BUCKETS, registry=r)
         self.input_frames = Counter("coordtok_input_frames", "Video frames received (encode) or requested (decode).", ["route"], registry=r)
         self.queue_size = Gauge("coordtok_queue_size", "Requests admitted and not yet answered.", registry=r)
-        self.running = Gauge("coordtok_requests_running", "Batches running on devices.", ["device"], registry=r)
+        self.running = Gauge("coordtok_requests_running", "Requests in the batch running on each device.", ["device"], registry=r)
         self.batch_size = Histogram("coordtok_batch_size", "Requests per batch.", ["kind"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_frames = Histogram("coordtok_batch_frames", "Frames of work per batch.", ["kind"], buckets=FRAMES_BUCKETS, registry=r)
         self.model_seconds = Histogram("coordtok_batch_duration_seconds", "Model time per batch.", ["kind", "device"],

@@ -13,8 +13,9 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
+from model.triplane import from_uint8
 from service.media import FALLBACK_FPS, MediaError, MediaLimits, VideoInfo, probe, read_frames
 
 log = logging.getLogger(__name__)
@@ -153,28 +154,7 @@ class VideoClips(Dataset):
 
 def _pad_clip(window: np.ndarray, frames: int) -> torch.Tensor:
     """uint8 [t, H, W, 3] -> float32 [frames, H, W, 3] in [-1, 1], padded with -1 after frame t."""
-    clip = np.full((frames, *window.shape[1:]), -1.0, np.float32)
-    real = clip[: len(window)]
-    np.divide(window, np.float32(127.5), out=real, casting="unsafe")
-    real -= 1.0
-    return torch.from_numpy(clip)
+    clip = torch.full((frames, *window.shape[1:]), -1.0)
+    clip[: len(window)] = from_uint8(torch.from_numpy(window))
+    return clip
 
-
-def make_loader(
-    dataset: Dataset, batch_size: int, workers: int = 0, seed: int = 0, distributed: bool = False
-) -> DataLoader:
-    """A shuffling DataLoader that drops the last partial batch: a DistributedSampler (seeded by
-    `seed`; call its `set_epoch` as well as the dataset's) when `distributed`, persistent workers
-    when `workers` > 0."""
-    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if distributed else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed) if sampler is None else None,
-        pin_memory=torch.cuda.is_available(),
-    )

@@ -18,7 +18,6 @@ Means are over clips.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 
 from model import PRESETS, CoordTok, load_model
+from model.checkpoint import file_sha256
+from model.triplane import from_uint8, split_clips, to_uint8
 from service.media import FALLBACK_FPS, MediaError, MediaLimits, read_frames
 from trainer.data import list_videos
 from trainer.lpips import LPIPS, load_lpips, lpips_video
@@ -45,21 +46,6 @@ def load_cvvdp(device: torch.device | str):
     return pycvvdp.cvvdp(display_name=CVVDP_DISPLAY, device=torch.device(device), quiet=True)
 
 
-def split_clips(frames: np.ndarray, length: int) -> list[tuple[int, np.ndarray]]:
-    """uint8 [T, H, W, 3] -> consecutive (start frame, [<= length, H, W, 3]) pieces."""
-    return [(start, frames[start : start + length]) for start in range(0, len(frames), length)]
-
-
-def to_model_range(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [..., 3] -> float32 in [-1, 1]."""
-    return torch.from_numpy(frames).float() / 127.5 - 1
-
-
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (clamped) -> uint8, rounded."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def score(
     reference: torch.Tensor, reconstruction: torch.Tensor, lpips: LPIPS | None, cvvdp, fps: float
 ) -> dict[str, float]:
@@ -74,16 +60,11 @@ def score(
     return scores
 
 
-def reconstruct(model: CoordTok, clips: list[np.ndarray]) -> torch.Tensor:
-    """Encode and decode a batch of clips (uint8 [n_i <= frames, H, W, 3]) with padding to the
-    model's frame count -> [B, max n_i, H, W, 3] in [-1, 1] (clamped), on the model's device."""
-    c = model.config
+def reconstruct(model: CoordTok, clips: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+    """Encode and decode clips (uint8 [B, frames, H, W, 3] with n_frames [B] valid) ->
+    [B, max n_frames, H, W, 3] in [-1, 1] (clamped), on the model's device."""
     device = next(model.parameters()).device
-    video = torch.full((len(clips), c.frames, c.height, c.width, 3), -1.0)
-    for i, clip in enumerate(clips):
-        video[i, : len(clip)] = to_model_range(clip)
-    n_frames = torch.tensor([len(clip) for clip in clips])
-    triplane = model.encode(video.to(device), n_frames.to(device))
+    triplane = model.encode(from_uint8(clips.to(device)), n_frames.to(device))
     return model.decode_video(triplane, frames=(0, int(n_frames.max()))).float().clamp(-1, 1)
 
 
@@ -123,13 +104,14 @@ def evaluate(
             if len(frames) == 0:
                 skipped.append({"video": str(path), "error": "no frames decoded"})
                 continue
-            clips = split_clips(frames, c.frames)
+            clips, n_frames = split_clips(torch.from_numpy(frames), c.frames)
             fps = info.fps or FALLBACK_FPS
             for first in range(0, len(clips), batch_size):
-                batch = clips[first : first + batch_size]
-                decoded = reconstruct(model, [clip for _, clip in batch])
-                for i, (start, clip) in enumerate(batch):
-                    rows.append(_clip_row(path, first + i, start, clip, decoded[i : i + 1, : len(clip)], budget, lpips, cvvdp, fps))
+                batch = slice(first, first + batch_size)
+                decoded = reconstruct(model, clips[batch], n_frames[batch])
+                for i, n in enumerate(n_frames[batch].tolist()):
+                    k = first + i
+                    rows.append(_clip_row(path, k, k * c.frames, clips[k, :n], decoded[i : i + 1, :n], budget, lpips, cvvdp, fps))
     return {
         "budget_floats": budget,
         "baseline_grid": list(baseline_grid((c.frames, c.height, c.width), budget)),
@@ -145,9 +127,9 @@ def evaluate(
 
 
 def _clip_row(path, index, start, clip, decoded, budget, lpips, cvvdp, fps) -> dict:
-    """Scores of one clip: uint8 `clip` [n, H, W, 3], the model's `decoded` [1, n, H, W, 3]
+    """Scores of one clip: uint8 `clip` tensor [n, H, W, 3], the model's `decoded` [1, n, H, W, 3]
     (metrics run on its device)."""
-    reference = to_model_range(clip)[None].to(decoded.device)  # [1, n, H, W, 3]
+    reference = from_uint8(clip)[None].to(decoded.device)  # [1, n, H, W, 3]
     baseline, grid = trilinear_baseline(reference, budget)
     return {
         "video": str(path), "clip": index, "start_frame": start, "n_frames": len(clip), "baseline_grid": list(grid),
@@ -176,11 +158,7 @@ def model_id(spec: str) -> dict[str, str]:
     if spec in PRESETS:
         return {"preset": spec}
     path = Path(spec).resolve()
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(path), "sha256": digest.hexdigest()}
+    return {"path": str(path), "sha256": file_sha256(path)}
 
 
 def format_table(result: dict) -> str:

@@ -176,3 +176,22 @@ def test_triplane_batch_helpers():
     assert Triplane.cat([tri[0], tri[2]]).batch_size == 2
     with pytest.raises(ValueError, match="one batch size"):
         Triplane(planes[0], planes[1][:2], planes[2])
+
+
+def test_split_clips_pads_the_last_clip_and_keeps_its_length():
+    from model.triplane import split_clips
+
+    frames = torch.arange(20 * 2 * 2 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(20, 2, 2, 3)
+    clips, n_frames = split_clips(frames, 8)
+    assert clips.shape == (3, 8, 2, 2, 3) and n_frames.tolist() == [8, 8, 4]
+    assert torch.equal(clips[2, :4], frames[16:]) and not clips[2, 4:].any()
+
+
+def test_uint8_round_trip_and_triplane_split():
+    from model.triplane import from_uint8, to_uint8
+
+    pixels = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(to_uint8(from_uint8(pixels)), pixels) and from_uint8(pixels).aminmax() == (-1, 1)
+    tri = Triplane(torch.randn(5, 4, 4, 2), torch.randn(5, 8, 4, 2), torch.randn(5, 8, 4, 2))
+    parts = tri.split([2, 3])
+    assert [p.batch_size for p in parts] == [2, 3] and torch.equal(parts[1].xt, tri.xt[2:])

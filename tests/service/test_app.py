@@ -215,7 +215,9 @@ def test_metrics_pass_promtool_check(client):
     result = subprocess.run(["promtool", "check", "metrics"], input=scrape.text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for family in ("coordtok_requests_total", "coordtok_request_duration_seconds_bucket", "coordtok_batch_size_bucket",
-                   "coordtok_frames_processed_total", "coordtok_model_load_seconds", "coordtok_ready", "coordtok_model_info"):
+                   "coordtok_frames_processed_total", "coordtok_model_load_seconds", "coordtok_ready", "coordtok_model_info",
+                   'coordtok_request_body_bytes_count{route="/v1/encode"}', 'coordtok_requests_running{device="cpu"}',
+                   "coordtok_build_info"):
         assert family in scrape.text, family
 
 

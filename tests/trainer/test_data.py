@@ -7,9 +7,10 @@ import av
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from service.media import write_video
-from trainer.data import VideoClips, list_videos, make_loader
+from trainer.data import VideoClips, list_videos
 
 T, H, W = 8, 32, 32
 
@@ -138,10 +139,10 @@ def fingerprints(batches) -> list[float]:
     return sorted(round(v.double().sum().item(), 2) for videos, _ in batches for v in videos)
 
 
-def test_loader_batches_and_persistent_workers_follow_set_epoch(corpus):
+def test_persistent_workers_follow_set_epoch(corpus):
     files = [corpus / "ClassA" / "long.mp4", corpus / "ClassA" / "mid.MP4"]
     dataset = VideoClips(files, T, H, W, clips_per_video=2)
-    loader = make_loader(dataset, batch_size=2, workers=1, seed=0)
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, persistent_workers=True)
     for epoch in range(2):
         dataset.set_epoch(epoch)
         batches = list(loader)
@@ -150,13 +151,3 @@ def test_loader_batches_and_persistent_workers_follow_set_epoch(corpus):
         assert videos.shape == (2, T, H, W, 3) and n_frames.tolist() == [T, T]
         assert fingerprints(batches) == fingerprints([(dataset[i][0][None], None) for i in range(len(dataset))])
 
-
-def test_distributed_loader_uses_a_distributed_sampler(corpus, tmp_path):
-    dataset = VideoClips([corpus / "ClassA" / "long.mp4"], T, H, W, clips_per_video=4)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        loader = make_loader(dataset, batch_size=3, workers=0, seed=0, distributed=True)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
-        assert [len(n_frames) for _, n_frames in loader] == [3]  # drop_last
-    finally:
-        torch.distributed.destroy_process_group()
