@@ -1,5 +1,5 @@
-"""Checkpoint I/O: the native safetensors format, and import of the public implementation's
-trainer checkpoints. Nothing here unpickles arbitrary objects."""
+"""Checkpoint I/O: the native safetensors formats of the tokenizer and of the SiT generator, and
+import of the public implementation's trainer checkpoints. Nothing here unpickles arbitrary objects."""
 from __future__ import annotations
 
 import hashlib
@@ -12,11 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from model.config import CoordTokConfig, preset, PRESETS
+from model.config import CoordTokConfig, SiTConfig, preset, PRESETS
 from model.coordtok import CoordTok
+from model.generate import LatentStats
+from model.sit import SiT
 
 FORMAT = "coordtok"
+GENERATOR_FORMAT = "coordtok-sit"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+DEFAULT_GENERATOR = Path(__file__).parent / "weights" / "generator.safetensors"
 
 # Public implementation name (after its DDP `module.` prefix) -> our name. First match wins.
 _OFFICIAL_RENAMES = [
@@ -52,8 +56,12 @@ def default_device() -> torch.device:
 
 def save_model(model: CoordTok, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write weights as safetensors with the config as JSON in the header metadata."""
+    _write(model, path, {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})})
+
+
+def _write(model: nn.Module, path: str | Path, header: dict[str, str]) -> None:
+    """The model's state as safetensors with `header` as metadata, written atomically."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    header = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -73,6 +81,11 @@ def file_sha256(path: str | Path) -> str:
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def load_model(
@@ -95,10 +108,50 @@ def load_model(
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise ValueError(f"{path} is not a CoordTok safetensors file (its header lacks the config)")
     model = CoordTok(CoordTokConfig.from_json(metadata["config"]))
-    with safe_open(str(path), framework="pt") as f:
-        state = {name: f.get_tensor(name) for name in f.keys()}
-    load_state_checked(model, state, str(path), "the model config")
+    load_state_checked(model, _read_tensors(path), str(path), "the model config")
     return model.to(device).eval()
+
+
+def save_generator(
+    model: SiT, path: str | Path, stats: LatentStats, tokenizer_sha256: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a SiT generator as safetensors; the header holds its config, the latent statistics it
+    was trained with and the sha256 of the tokenizer weights whose triplanes it generates."""
+    header = {
+        **(metadata or {}), "format": GENERATOR_FORMAT, "config": model.config.to_json(),
+        "latent_stats": stats.to_json(), "tokenizer_sha256": tokenizer_sha256,
+    }
+    _write(model, path, header)
+
+
+def load_generator(
+    path: str | Path | None = None, device: str | torch.device | None = None, tokenizer_sha256: str | None = None
+) -> tuple[SiT, dict[str, str]]:
+    """Load a generator written by `save_generator` (default: `DEFAULT_GENERATOR`), in eval mode,
+    and its header metadata (`LatentStats.from_json(metadata["latent_stats"])` gives its stats).
+    With `tokenizer_sha256`, the file must have been trained on that tokenizer."""
+    device = torch.device(device) if device is not None else default_device()
+    path = Path(path) if path is not None else DEFAULT_GENERATOR
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no generator weights at {path}; train one with `python -m trainer.generator --tokenizer TOKENIZER "
+            "--videos DIR --run-dir RUN` and pass RUN/export.safetensors"
+        )
+    metadata = read_metadata(path)
+    missing = [key for key in ("config", "latent_stats", "tokenizer_sha256") if key not in metadata]
+    if metadata.get("format") != GENERATOR_FORMAT or missing:
+        raise ValueError(f"{path} is not a SiT generator file (format {metadata.get('format')!r}, lacking {missing})")
+    config = SiTConfig.from_json(metadata["config"])
+    if LatentStats.from_json(metadata["latent_stats"]).channels != config.latent_channels:
+        raise ValueError(f"{path}: its latent stats do not have the config's {config.latent_channels} channels")
+    if tokenizer_sha256 is not None and metadata["tokenizer_sha256"] != tokenizer_sha256:
+        raise ValueError(
+            f"{path} generates the triplanes of the tokenizer with weights sha256 {metadata['tokenizer_sha256']}, "
+            f"not of {tokenizer_sha256}"
+        )
+    model = SiT(config)
+    load_state_checked(model, _read_tensors(path), str(path), "the generator config")
+    return model.to(device).eval(), metadata
 
 
 def official_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:

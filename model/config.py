@@ -1,4 +1,5 @@
-"""CoordTok configuration: one frozen dataclass and the named presets.
+"""Configurations: frozen dataclasses and their named presets, for the CoordTok tokenizer and the
+SiT generator over its triplanes.
 
 Shapes follow the paper: a video of `frames x height x width` RGB pixels is encoded into a
 triplane of `latent_channels` features per cell, with planes
@@ -12,8 +13,30 @@ import json
 from dataclasses import dataclass
 
 
+class _JSONConfig:
+    """JSON of a config dataclass's fields; unknown fields are an error."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
+        return cls(**values)
+
+
+def _require_divisible(config: object, remainders: dict[str, int]) -> None:
+    bad = [name for name, remainder in remainders.items() if remainder]
+    if bad:
+        raise ValueError(f"{type(config).__name__}: these must divide evenly: {', '.join(bad)}")
+
+
 @dataclass(frozen=True)
-class CoordTokConfig:
+class CoordTokConfig(_JSONConfig):
     # Video the model was built for: frames x height x width.
     frames: int = 128
     height: int = 128
@@ -64,9 +87,7 @@ class CoordTokConfig:
             "dec_dim % dec_heads": self.dec_dim % self.dec_heads,
             "decode_slice_frames % dec_patch_t": self.decode_slice_frames % self.dec_patch_t,
         }
-        bad = [name for name, remainder in checks.items() if remainder]
-        if bad:
-            raise ValueError(f"CoordTokConfig: these must divide evenly: {', '.join(bad)}")
+        _require_divisible(self, checks)
         if not 1 <= self.decode_slice_frames <= self.frames:
             raise ValueError("CoordTokConfig: decode_slice_frames must be in [1, frames]")
 
@@ -79,18 +100,6 @@ class CoordTokConfig:
     def patch_values(self) -> int:
         """Pixel values per decoded patch: pt * px * py * 3."""
         return self.dec_patch_t * self.dec_patch_xy**2 * 3
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CoordTokConfig:
-        values = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"CoordTokConfig: unknown fields {unknown}")
-        return cls(**values)
 
     @classmethod
     def from_official(cls, kwargs: dict) -> CoordTokConfig:
@@ -156,3 +165,78 @@ def preset(name: str) -> CoordTokConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class SiTConfig(_JSONConfig):
+    """The SiT generator: a transformer over the patches of a CoordTok triplane."""
+
+    # The triplane it generates (`latent_shape` reads them from a tokenizer's config):
+    # xy [latent_res_xy, latent_res_xy, C], yt and xt [latent_res_t, latent_res_xy, C].
+    latent_res_xy: int = 16
+    latent_res_t: int = 32
+    latent_channels: int = 8
+
+    # Transformer over patch x patch cells of every plane.
+    patch: int = 2
+    dim: int = 1024
+    depth: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+
+    # Classes (0: unconditional). A class-conditional model also learns a null class, which a
+    # training label becomes with probability class_dropout_prob (classifier-free guidance).
+    num_classes: int = 0
+    class_dropout_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "latent_res_xy % patch": self.latent_res_xy % self.patch,
+            "latent_res_t % patch": self.latent_res_t % self.patch,
+            "dim % heads": self.dim % self.heads,
+            "dim % 4 (2D sine-cosine positions)": self.dim % 4,
+        }
+        _require_divisible(self, checks)
+        if self.num_classes < 0 or not 0 <= self.class_dropout_prob < 1:
+            raise ValueError("SiTConfig: num_classes must be >= 0 and class_dropout_prob in [0, 1)")
+
+    @property
+    def plane_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """Per plane (xy, yt, xt), one clip's shape (R0, R1, C)."""
+        xy, t, c = self.latent_res_xy, self.latent_res_t, self.latent_channels
+        return (xy, xy, c), (t, xy, c), (t, xy, c)
+
+    @property
+    def tokens(self) -> int:
+        """Transformer tokens per clip (320 for the paper's triplane at patch 2)."""
+        return sum(r0 // self.patch * (r1 // self.patch) for r0, r1, _ in self.plane_shapes)
+
+
+# The DiT/SiT sizes (width, depth, heads) at patch 2, over the paper's triplane; the paper trains
+# SiT-L/2. `sit_preset` fits a preset to a tokenizer's triplane.
+SIT_PRESETS: dict[str, SiTConfig] = {
+    "sit-s/2": SiTConfig(dim=384, depth=12, heads=6),
+    "sit-b/2": SiTConfig(dim=768, depth=12, heads=12),
+    "sit-l/2": SiTConfig(dim=1024, depth=24, heads=16),
+    "sit-xl/2": SiTConfig(dim=1152, depth=28, heads=16),
+    # Trains and samples on a CPU.
+    "sit-tiny": SiTConfig(dim=128, depth=4, heads=4),
+}
+
+
+def latent_shape(tokenizer: CoordTokConfig) -> dict[str, int]:
+    """The SiTConfig fields that describe `tokenizer`'s triplane."""
+    return {
+        "latent_res_xy": tokenizer.latent_res_xy,
+        "latent_res_t": tokenizer.latent_res_t,
+        "latent_channels": tokenizer.latent_channels,
+    }
+
+
+def sit_preset(name: str, tokenizer: CoordTokConfig | None = None) -> SiTConfig:
+    """The named SiT preset, over `tokenizer`'s triplane (default: the paper's)."""
+    try:
+        config = SIT_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown SiT preset {name!r}; choose one of {sorted(SIT_PRESETS)}") from None
+    return dataclasses.replace(config, **latent_shape(tokenizer)) if tokenizer is not None else config
