@@ -56,27 +56,7 @@ class TrainConfig:
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         """Parse flags (and --config); returns the config and whether to resume."""
-        parser = argparse.ArgumentParser(prog="python -m trainer.tokenizer", description="Train a CoordTok tokenizer.")
-        parser.add_argument("--config", help="JSON file with any of the fields below")
-        parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type))
-            if str(f.type) == "bool":
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-            elif kind is not None:
-                parser.add_argument(flag, type=kind, default=None)
-            else:  # list / dict fields take JSON
-                parser.add_argument(flag, type=json.loads, default=None, help="JSON")
-        args = parser.parse_args(argv)
-        values = json.loads(Path(args.config).read_text()) if args.config else {}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            parser.error(f"unknown fields in {args.config}: {unknown}")
-        values.update({k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None})
-        config = cls(**values)
-        config.validate()
-        return config, args.resume
+        return parse_cli(cls, argv, "python -m trainer.tokenizer", "Train a CoordTok tokenizer.")
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -88,5 +68,33 @@ class TrainConfig:
         if min(self.batch_size, self.accum_steps, self.steps, self.points) < 1:
             raise ValueError("batch_size, accum_steps, steps and points must be positive")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+
+def parse_cli(cls, argv: list[str] | None, prog: str, description: str):
+    """A flag per field of the config dataclass `cls` (JSON for list and dict fields), `--config
+    FILE.json` and `--resume`. Precedence: defaults < the file < explicit flags. Returns
+    (validated config, resume)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="JSON file with any of the fields below")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind is not None:
+            parser.add_argument(flag, type=kind, default=None)
+        else:  # list / dict fields take JSON
+            parser.add_argument(flag, type=json.loads, default=None, help="JSON")
+    args = parser.parse_args(argv)
+    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        parser.error(f"unknown fields in {args.config}: {unknown}")
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None})
+    config = cls(**values)
+    try:
+        config.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return config, args.resume
