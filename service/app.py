@@ -5,6 +5,8 @@
 encode: upload (bounded, spooled to disk) -> media.read_frames off the event loop -> clips of the
 model's frame count (the last padded, its frame count kept) -> engine -> token file.
 decode: token file (bounded, validated) -> engine (only the requested frames) -> mp4 / webm / npy.
+generate: a job row (service/jobs.py) -> the generation lane samples, decodes through the engine,
+writes result files -> GET /v1/jobs/{id} and its results.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -32,8 +35,8 @@ from starlette.datastructures import Headers
 from model import CoordTok, PRESETS, load_model
 from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from model.triplane import split_clips
-from service import media, tokens
-from service.engine import BatchStats, Engine, EngineError
+from service import jobs, media, tokens
+from service.engine import BatchStats, Engine, EngineError, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -88,6 +91,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if stats.out_of_memory:
             metrics.oom.labels(stats.device).inc()
 
+    def on_transition(job: jobs.Job) -> None:
+        metrics.job_transitions.labels(job.status).inc()
+        if job.status == "running" and job.attempts == 1:
+            metrics.job_wait.observe(job.started_at - job.created_at)
+        elif job.status in jobs.FINISHED and job.started_at is not None:
+            metrics.job_duration.labels(job.status).observe(job.finished_at - job.started_at)
+            if job.status == "succeeded":
+                metrics.videos_generated.inc(job.num_videos)
+
+    def on_sampled(steps: int, seconds: float) -> None:
+        metrics.sampling_rate.observe(steps / max(seconds, 1e-9))
+
+    async def sweep_periodically(store: jobs.JobStore) -> None:
+        while True:
+            removed = await run_in_threadpool(store.sweep, settings.job_retention_hours * 3600)
+            if removed:
+                log.info("removed expired jobs", extra={"jobs": removed})
+            await asyncio.sleep(settings.job_sweep_interval_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         devices = serving_devices(settings)
@@ -103,16 +125,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = Engine(models, settings.batch_max_frames, settings.batch_wait_ms, settings.max_queue,
                         settings.request_timeout_s, on_batch=on_batch)
         engine.start()
+        # Only a server with a generator owns the jobs dir: it recovers, runs and sweeps jobs.
+        # Without one, jobs can still be listed and downloaded, and generate answers 503.
+        store = jobs.JobStore(settings.jobs_dir, on_transition)
+        generator, app.state.generator_problem = await run_in_threadpool(
+            jobs.load_generator, settings.generator, sha256, config, devices[0])
+        lane = sweeper = None
+        if generator is not None:
+            requeued = await run_in_threadpool(store.recover)
+            loop = asyncio.get_running_loop()
+
+            def decode(triplane) -> np.ndarray:  # from a lane thread, through the engine's queue
+                return asyncio.run_coroutine_threadsafe(engine.decode(triplane, (0, config.frames)), loop).result()[0].numpy()
+
+            identity = jobs.token_identity(config, model_id, sha256, generator.model_id)
+            lane = jobs.GenerationLane(store, generator, decode, identity, settings.generation_concurrency, on_sampled=on_sampled)
+            lane.start()
+            sweeper = asyncio.ensure_future(sweep_periodically(store))
+            log.info("generator loaded", extra={"generator": generator.model_id, "requeued_jobs": requeued})
+        else:
+            log.warning("generation is off: %s", app.state.generator_problem)
         app.state.engine, app.state.config, app.state.devices = engine, config, devices
         app.state.model_id, app.state.sha256 = model_id, sha256
+        app.state.store, app.state.generator, app.state.lane = store, generator, lane
         metrics.ready.set(1)
         yield
         metrics.ready.set(0)
         engine.accepting = False
+        if lane is not None:  # the running job stops at its next step and goes back to the queue
+            await run_in_threadpool(lane.stop, settings.drain_timeout_s)
+            sweeper.cancel()
         deadline = time.monotonic() + settings.drain_timeout_s
         while engine.in_system and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         engine.stop()
+        store.close()
 
     app = FastAPI(title="CoordTok", version=VERSION, lifespan=lifespan)
     state = app.state  # engine, config, devices, model_id, sha256: set once the model is loaded
@@ -125,11 +172,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(tokens.TokenError)
     @app.exception_handler(EngineError)
     @app.exception_handler(RequestError)
+    @app.exception_handler(jobs.JobError)
     async def known_error(request: Request, error: Exception) -> JSONResponse:
         status = getattr(error, "http_status", 422)
         request.state.failure = type(error).__name__
         headers = {"Retry-After": "1"} if status == 503 else None
         return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        request.state.failure = "ValidationError"
+        message = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"error": {"type": "ValidationError", "message": message}}, 422)
 
     app.add_middleware(ObserveMiddleware, metrics=metrics, keys=[k.get_secret_value().encode() for k in settings.api_keys])
 
@@ -149,6 +203,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for worker in state.engine.workers:
                 metrics.running.labels(str(worker.device)).set(worker.running)
             metrics.sample_devices(state.devices)
+            for status, count in (await run_in_threadpool(state.store.counts)).items():
+                metrics.jobs.labels(status).set(count)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -159,7 +215,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "config": json.loads(config.to_json()),
             "token_shape": {name: [*shape] for name, shape in tokens.plane_shapes(config).items()},
             "tokens_per_clip": config.tokens,
-        }]}
+        }], "generator": None if state.generator is None else {
+            "id": state.generator.model_id, "classes": state.generator.num_classes, "samplers": list(jobs.SAMPLERS),
+        }}
 
     @app.post("/v1/encode")
     async def encode(
@@ -245,6 +303,68 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
         return Response(payload, media_type=VIDEO_TYPES[out])
 
+    @app.post("/v1/generate", status_code=202)
+    async def generate(body: jobs.GenerateRequest,
+                       idempotency_key: str | None = Header(None, min_length=1, max_length=255)) -> JSONResponse:
+        if state.generator is None:
+            raise jobs.GeneratorUnavailable(f"no generator is loaded: {state.generator_problem}")
+        if not state.engine.accepting:
+            raise NotReady("the server is not accepting work (starting up or shutting down)")
+        if body.num_videos > settings.max_videos_per_job:
+            raise RequestError(f"num_videos is {body.num_videos}; the limit is {settings.max_videos_per_job} per job")
+        if body.steps > settings.max_generation_steps:
+            raise RequestError(f"steps is {body.steps}; the limit is {settings.max_generation_steps}")
+        state.generator.check(body)
+        job, created = await run_in_threadpool(state.store.create, body, settings.generation_batch_size,
+                                               settings.max_queued_jobs, idempotency_key)
+        if created:
+            state.lane.notify()
+        headers = {"Location": f"/v1/jobs/{job.id}", **({} if created else {"Idempotent-Replayed": "true"})}
+        return JSONResponse(job.to_json(), 202, headers=headers)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(
+        limit: int = Query(20, ge=1, le=100),
+        cursor: str | None = Query(None, pattern="^[0-9]{1,18}$", description="next_cursor of the previous page"),
+        status: str | None = Query(None, pattern="^(" + "|".join(jobs.STATUSES) + ")$"),
+    ) -> dict:
+        found, after = await run_in_threadpool(state.store.list, limit, int(cursor) if cursor else None, status)
+        return {"jobs": [job.to_json() for job in found], "next_cursor": None if after is None else str(after)}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict:
+        return (await run_in_threadpool(state.store.require, job_id)).to_json()
+
+    @app.get("/v1/jobs/{job_id}/results/{k}")
+    async def get_result(job_id: str, k: int) -> FileResponse:
+        job = await run_in_threadpool(state.store.require, job_id)
+        if not 0 <= k < job.num_videos:
+            raise jobs.JobNotFound(f"job {job_id} has {job.num_videos} videos: results 0 to {job.num_videos - 1}")
+        if job.status in ("queued", "running"):
+            raise jobs.JobConflict(f"job {job_id} is {job.status} ({job.videos_done} of {job.num_videos} videos done); "
+                                   "its results can be downloaded once it has succeeded")
+        if job.status != "succeeded":
+            raise jobs.JobConflict(f"job {job_id} {job.status}: it has no results")
+        path = state.store.result_path(job, k)
+        if not path.is_file():
+            raise jobs.JobNotFound(f"result {k} of job {job_id} is gone (removed after the retention period)")
+        extension, media_type = jobs.RESULT_TYPES[job.request["format"]]
+        return FileResponse(path, media_type=media_type, filename=f"{job_id}-{k}.{extension}")
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def delete_job(job_id: str) -> Response:
+        """Queued: cancelled at once (200). Running: stops at its next sampling step (202).
+        Finished: the job and its results are deleted (204)."""
+        job = await run_in_threadpool(state.store.require, job_id)
+        if job.status in jobs.FINISHED:
+            await run_in_threadpool(state.store.delete, job_id)
+            return Response(status_code=204)
+        job = await run_in_threadpool(state.store.cancel, job_id)
+        if job.status == "running" and state.lane is not None:
+            state.lane.cancel(job_id)
+            return JSONResponse(job.to_json(), 202)
+        return JSONResponse(job.to_json(), 200)
+
     return app
 
 
@@ -281,11 +401,12 @@ class ObserveMiddleware:
             await self.app(scope, receive, send_with_id)
         seconds = time.perf_counter() - started
         if route.startswith("/v1/"):
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.duration.labels(route).observe(seconds)
+            template = getattr(scope.get("route"), "path", route)  # /v1/jobs/{job_id}: one label for every job
+            self.metrics.requests.labels(template, str(status)).inc()
+            self.metrics.duration.labels(template).observe(seconds)
             if status >= 400:  # the reason: the error type a handler recorded, else the status
                 reason = scope.get("state", {}).get("failure", "Unauthorized" if status == 401 else f"http_{status}")
-                self.metrics.failures.labels(route, reason).inc()
+                self.metrics.failures.labels(template, reason).inc()
         log.info("request", extra={"request_id": request_id, "method": scope["method"], "route": route,
                                    "status": status, "seconds": round(seconds, 4)})
 

@@ -10,8 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
+
+from model.triplane import to_uint8
 
 
 def moving_shapes_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -75,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
     from service.settings import Settings
 
-    settings = Settings(**({"model": args.model} if args.model else {}))
+    settings = Settings(**({"model": args.model} if args.model else {}), **({"generator": args.generator} if args.generator else {}))
     configure_logging(settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
@@ -108,8 +111,6 @@ class DrainingServer(uvicorn.Server):
 
 async def _with_client(args: argparse.Namespace, action):
     """Run `action(client)` against --server, or against the app in this process."""
-    import httpx
-
     from service.client import AsyncClient
 
     if args.server:
@@ -118,7 +119,7 @@ async def _with_client(args: argparse.Namespace, action):
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(**({"model": args.model} if args.model else {})))
+    app = create_app(Settings(generator="none", **({"model": args.model} if args.model else {})))
     async with app.router.lifespan_context(app):
         async with AsyncClient("http://in-process", transport=httpx.ASGITransport(app=app)) as client:
             return await action(client)
@@ -155,6 +156,108 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate videos: through a server's job API (--url), or with the models in this process."""
+    from service import jobs
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    extension, _ = jobs.RESULT_TYPES[args.format]
+    request = jobs.GenerateRequest(num_videos=args.num_videos, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                   guidance=args.guidance, class_label=args.class_label, format=args.format,
+                                   **({"fps": args.fps} if args.fps else {}))
+    paths = [out / f"video_{k:03d}.{extension}" for k in range(args.num_videos)]
+    if args.server:
+        seed = _generate_on_server(args, request, paths)
+    else:
+        seed = _generate_here(args, request, paths)
+    print(f"wrote {len(paths)} file(s) to {out} (seed {seed})")
+    return 0
+
+
+def _progress_line(job: dict) -> str:
+    p = job["progress"]
+    return f"{job['status']}: video {min(p['videos_done'] + 1, p['videos'])} of {p['videos']}, step {p['step']} of {p['steps']}"
+
+
+class _ProgressPrinter:
+    """One progress line on stderr: rewritten in place on a terminal, else printed when it changes."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def __call__(self, line: str) -> None:
+        if line == self.last:
+            return
+        self.last = line
+        if sys.stderr.isatty():
+            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.last and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def _generate_on_server(args: argparse.Namespace, request, paths: list[Path]) -> int:
+    from service.client import Client
+
+    show = _ProgressPrinter()
+    with Client(args.server, api_key=args.api_key) as client:
+        options = request.model_dump()
+        job = client.generate(fmt=options.pop("format"), **options)
+        try:
+            job = client.wait(job["id"], poll_s=0.5, on_progress=lambda j: show(f"job {j['id'][:8]} {_progress_line(j)}"))
+        except KeyboardInterrupt:
+            client.cancel(job["id"])
+            show.done()
+            print(f"cancelled job {job['id']}", file=sys.stderr)
+            raise
+        show.done()
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job['id']} {job['status']}: {job['error'] or 'no results'}")
+        for k, path in enumerate(paths):
+            path.write_bytes(client.result(job["id"], k))
+    return job["request"]["seed"]
+
+
+def _generate_here(args: argparse.Namespace, request, paths: list[Path]) -> int:
+    import secrets
+
+    from model import load_model
+    from service import jobs
+    from service.app import model_identity
+
+    tokenizer = load_model(args.model, device=args.device)
+    device = next(tokenizer.parameters()).device
+    model_id, sha256 = model_identity(args.model or "")
+    generator, problem = jobs.load_generator(args.generator or "", sha256, tokenizer.config, device)
+    if generator is None:
+        raise ValueError(f"no generator: {problem}")
+    try:
+        generator.check(request)
+    except jobs.JobError as error:
+        raise ValueError(str(error)) from None
+    job = {**request.model_dump(), "seed": request.seed if request.seed is not None else secrets.randbelow(2**31)}
+    identity = jobs.token_identity(tokenizer.config, model_id, sha256, generator.model_id)
+    show = _ProgressPrinter()
+    for group in jobs.groups(request.num_videos, args.batch_size):
+        def on_step(step: int, total: int) -> None:
+            show(f"videos {group.start + 1}-{group.stop} of {request.num_videos}, step {step} of {total}")
+
+        triplanes = generator.sample(job, group.start, len(group), on_step)
+        for k in group:
+            one = triplanes[k - group.start]
+            frames = None
+            if request.format != "tokens":
+                with torch.inference_mode():
+                    frames = to_uint8(tokenizer.decode_video(one.to(device))).cpu().numpy()[0]
+            paths[k].write_bytes(jobs.render(job, k, one, frames, identity))
+    show.done()
+    return job["seed"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordtok", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", default=None, help="a .safetensors path or preset (default: the bundled model)")
+    serve.add_argument("--generator", default=None, help="the generator .safetensors (default: the bundled one, if any)")
     serve.set_defaults(run=cmd_serve)
 
     for name, helptext in [("encode", "a video file -> a token file"), ("decode", "a token file -> a video")]:
@@ -187,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--frames", default=None, help="A:B, the frame range to decode")
             sub.set_defaults(run=cmd_decode)
 
+    generate = commands.add_parser("generate", help="generate videos with the SiT generator (locally, or on a server with --url)")
+    generate.add_argument("-n", "--num-videos", type=int, default=1)
+    generate.add_argument("-o", "--output", required=True, help="folder for video_000.mp4, ...")
+    generate.add_argument("--steps", type=int, default=50, help="sampling steps")
+    generate.add_argument("--sampler", choices=["euler", "heun", "euler-maruyama"], default="euler")
+    generate.add_argument("--seed", type=int, default=None, help="default: a random one (printed)")
+    generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (needs --class-label)")
+    generate.add_argument("--class-label", type=int, default=None)
+    generate.add_argument("--format", choices=["mp4", "webm", "tokens"], default="mp4")
+    generate.add_argument("--fps", type=float, default=None, help="frame rate of the videos (default 25)")
+    generate.add_argument("--url", "--server", dest="server", metavar="URL", default=None, help="server URL (default: run the models in this process)")
+    generate.add_argument("--api-key", default=None)
+    generate.add_argument("--model", default=None, help="in-process only: the tokenizer (.safetensors or preset; default: bundled)")
+    generate.add_argument("--generator", default=None, help="in-process only: the generator .safetensors (default: bundled)")
+    generate.add_argument("--device", default=None, help="in-process only: cpu, cuda, cuda:1 ...")
+    generate.add_argument("--batch-size", type=int, default=4, help="in-process only: videos sampled together")
+    generate.set_defaults(run=cmd_generate)
+
     importer = commands.add_parser("import-official", help="convert a checkpoint of the public implementation")
     importer.add_argument("checkpoint", help="the public trainer's .pth checkpoint")
     importer.add_argument("--config", required=True, help="JSON of the reference constructor's keyword arguments")
@@ -202,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"coordtok: error: {error}", file=sys.stderr)
         return 2
+    except (RuntimeError, httpx.HTTPError) as error:  # a server refused (ServerError) or is unreachable, a failed job
+        print(f"coordtok: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,13 +5,19 @@
         tokens = client.encode("clip.mp4")              # Tokens: triplane of every clip + metadata
         mp4 = client.decode(tokens, frames=(0, 64))     # bytes of an H.264 MP4
         frames = client.decode_frames(tokens)           # uint8 [T, H, W, 3]
+        job = client.generate(num_videos=4, steps=50)   # a job (dict); generation runs on the server
+        job = client.wait(job["id"])                    # polls until it has finished
+        mp4 = client.result(job["id"], 0)               # bytes of video 0
 
 `AsyncClient` has the same methods as coroutines. Either takes an httpx `transport`, e.g.
 `httpx.ASGITransport(app)` to talk to an app in the same process.
 """
 from __future__ import annotations
 
+import asyncio
 import io
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -48,6 +54,22 @@ def _decode_request(tokens: Tokens, frames: tuple[int, int] | None, fmt: str, fp
     params = {"format": fmt, **({"start": frames[0], "end": frames[1]} if frames else {}), **({"fps": fps} if fps else {})}
     return {"url": "/v1/decode", "params": params, "content": token_files.serialise(tokens, "safetensors"),
             "headers": {"content-type": token_files.FORMATS["safetensors"]}}
+
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def _generate_request(options: dict, idempotency_key: str | None) -> dict:
+    return {"url": "/v1/generate", "json": {k: v for k, v in options.items() if v is not None},
+            "headers": {"idempotency-key": idempotency_key} if idempotency_key else {}}
+
+
+def _jobs_params(limit: int, cursor: str | None, status: str | None) -> dict:
+    return {"limit": limit, **({"cursor": cursor} if cursor else {}), **({"status": status} if status else {})}
+
+
+def _cancelled(response: httpx.Response) -> dict | None:
+    return None if _checked(response).status_code == 204 else response.json()
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
@@ -89,6 +111,45 @@ class Client:
         """Tokens -> uint8 frames [T, H, W, 3]."""
         return np.load(io.BytesIO(self.decode(tokens, frames, fmt="npy")), allow_pickle=False)
 
+    def generate(self, num_videos: int = 1, steps: int = 50, sampler: str = "euler", seed: int | None = None,
+                 guidance: float = 1.0, class_label: int | None = None, fmt: str = "mp4", fps: float | None = None,
+                 idempotency_key: str | None = None) -> dict:
+        """Create a generation job; returns the job (`id`, `status`, `progress`, ...). The same
+        `idempotency_key` with the same arguments returns the same job."""
+        options = dict(num_videos=num_videos, steps=steps, sampler=sampler, seed=seed, guidance=guidance,
+                       class_label=class_label, format=fmt, fps=fps)
+        return _checked(self.http.post(**_generate_request(options, idempotency_key))).json()
+
+    def job(self, job_id: str) -> dict:
+        return _checked(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def jobs(self, limit: int = 20, cursor: str | None = None, status: str | None = None) -> dict:
+        """A page of jobs, newest first: {"jobs": [...], "next_cursor": str | None}."""
+        return _checked(self.http.get("/v1/jobs", params=_jobs_params(limit, cursor, status))).json()
+
+    def cancel(self, job_id: str) -> dict | None:
+        """Cancel a queued or running job (returns it); delete a finished one and its results (None)."""
+        return _cancelled(self.http.delete(f"/v1/jobs/{job_id}"))
+
+    def result(self, job_id: str, k: int) -> bytes:
+        """Video k of a succeeded job (mp4, webm, or a token file)."""
+        return _checked(self.http.get(f"/v1/jobs/{job_id}/results/{k}")).content
+
+    def wait(self, job_id: str, poll_s: float = 0.5, timeout_s: float | None = None,
+             on_progress: Callable[[dict], None] | None = None) -> dict:
+        """Poll the job until it has finished (succeeded, failed or cancelled); returns it.
+        `on_progress(job)` sees every poll. TimeoutError after `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in FINISHED:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s:g} s")
+            time.sleep(poll_s)
+
 
 class AsyncClient:
     def __init__(self, base_url: str = "http://localhost:8000", api_key: str | None = None,
@@ -111,3 +172,35 @@ class AsyncClient:
 
     async def decode_frames(self, tokens: Tokens, frames: tuple[int, int] | None = None) -> np.ndarray:
         return np.load(io.BytesIO(await self.decode(tokens, frames, fmt="npy")), allow_pickle=False)
+
+    async def generate(self, num_videos: int = 1, steps: int = 50, sampler: str = "euler", seed: int | None = None,
+                       guidance: float = 1.0, class_label: int | None = None, fmt: str = "mp4", fps: float | None = None,
+                       idempotency_key: str | None = None) -> dict:
+        options = dict(num_videos=num_videos, steps=steps, sampler=sampler, seed=seed, guidance=guidance,
+                       class_label=class_label, format=fmt, fps=fps)
+        return _checked(await self.http.post(**_generate_request(options, idempotency_key))).json()
+
+    async def job(self, job_id: str) -> dict:
+        return _checked(await self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    async def jobs(self, limit: int = 20, cursor: str | None = None, status: str | None = None) -> dict:
+        return _checked(await self.http.get("/v1/jobs", params=_jobs_params(limit, cursor, status))).json()
+
+    async def cancel(self, job_id: str) -> dict | None:
+        return _cancelled(await self.http.delete(f"/v1/jobs/{job_id}"))
+
+    async def result(self, job_id: str, k: int) -> bytes:
+        return _checked(await self.http.get(f"/v1/jobs/{job_id}/results/{k}")).content
+
+    async def wait(self, job_id: str, poll_s: float = 0.5, timeout_s: float | None = None,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = await self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in FINISHED:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s:g} s")
+            await asyncio.sleep(poll_s)

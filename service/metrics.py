@@ -14,6 +14,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BYTES_BUCKETS = tuple(2**k for k in range(10, 31, 2))  # 1 KiB .. 1 GiB
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FRAMES_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+STEP_RATE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
 class Metrics:
@@ -41,6 +43,15 @@ class Metrics:
         self.oom = Counter("coordtok_out_of_memory", "Batches that ran out of device memory.", ["device"], registry=r)
         self.model_load = Gauge("coordtok_model_load_seconds", "Time to load and warm up the model, per device.", ["device"], registry=r)
         self.ready = Gauge("coordtok_ready", "1 when the server accepts work.", registry=r)
+        self.jobs = Gauge("coordtok_jobs", "Generation jobs by current status.", ["status"], registry=r)
+        self.job_transitions = Counter("coordtok_job_transitions", "Generation jobs entering each status.", ["status"], registry=r)
+        self.job_wait = Histogram("coordtok_job_queue_seconds", "Time from a job's creation to its first start.",
+                                  buckets=JOB_BUCKETS, registry=r)
+        self.job_duration = Histogram("coordtok_job_duration_seconds", "Time from a job's first start to its end, by final status.",
+                                      ["status"], buckets=JOB_BUCKETS, registry=r)
+        self.sampling_rate = Histogram("coordtok_sampling_steps_per_second", "Sampling steps per second, per group of videos sampled together.",
+                                       buckets=STEP_RATE_BUCKETS, registry=r)
+        self.videos_generated = Counter("coordtok_videos_generated", "Videos of succeeded generation jobs.", registry=r)
         self.build = Info("coordtok_build", "Server build.", registry=r)
         self.model = Info("coordtok_model", "The served model.", registry=r)
 

@@ -20,6 +20,12 @@ from pydantic_settings import (
 from service.media import MediaLimits
 
 
+def default_jobs_dir() -> Path:
+    """`$XDG_DATA_HOME/coordtok/jobs`, by default `~/.local/share/coordtok/jobs`."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "coordtok" / "jobs"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COORDTOK_", extra="forbid")
 
@@ -41,6 +47,19 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(600.0, gt=0)
     max_frames: int = Field(20000, ge=1)
     max_clips: int = Field(64, ge=1, description="clips per encode or decode request")
+
+    # Generation jobs (POST /v1/generate). The generator: a .safetensors path, empty for the
+    # bundled one, or "none"; without one (or when the file is missing) the server runs and
+    # generate answers 503. Only a server with a generator runs, recovers and sweeps jobs.
+    generator: str = ""
+    jobs_dir: Path = Field(default_factory=default_jobs_dir, description="the job database and results")
+    max_videos_per_job: int = Field(16, ge=1)
+    max_generation_steps: int = Field(250, ge=1, description="sampling steps per video")
+    max_queued_jobs: int = Field(100, ge=1, description="jobs queued or running; more get 503")
+    generation_concurrency: int = Field(1, ge=1, description="jobs generating at once (the lane's threads)")
+    generation_batch_size: int = Field(4, ge=1, description="videos of a job sampled together")
+    job_retention_hours: float = Field(72.0, gt=0, description="finished jobs and results are removed after this")
+    job_sweep_interval_s: float = Field(600.0, gt=0)
 
     api_keys: list[SecretStr] = Field(default_factory=list, description="bearer keys; empty: no authentication")
     log_format: Literal["json", "text"] = "json"

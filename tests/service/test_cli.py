@@ -53,8 +53,6 @@ def test_load_model_rejects_a_file_that_is_not_a_coordtok_model(tmp_path):
 
 
 def test_encode_and_decode_commands_in_process(tmp_path):
-    import io
-
     import numpy as np
 
     from model import CoordTok, save_model
