@@ -1,10 +1,11 @@
-"""The bundled default tokenizer: `load_model()` finds it, and it holds trained weights."""
+"""The bundled models: `load_model()` and `load_generator()` find them, they hold trained weights,
+and the generator belongs to the bundled tokenizer."""
 import json
 
 import torch
 
-from model import load_model, preset
-from model.checkpoint import DEFAULT_WEIGHTS, read_metadata
+from model import LatentStats, generate_triplanes, load_generator, load_model, preset
+from model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
 from model.triplane import PLANES
 
 
@@ -23,3 +24,19 @@ def test_bundled_weights_are_not_a_fresh_initialisation():
     changed = [name for name, p in trained.state_dict().items() if not torch.equal(p, untrained.state_dict()[name])]
     assert len(changed) == len(trained.state_dict())
     assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+@torch.inference_mode()
+def test_bundled_generator_belongs_to_the_bundled_tokenizer_and_is_trained():
+    tokenizer = load_model(device="cpu")
+    generator, metadata = load_generator(device="cpu", tokenizer_sha256=file_sha256(DEFAULT_WEIGHTS))
+    assert generator.config.plane_shapes[0] == (tokenizer.config.latent_res_xy, tokenizer.config.latent_res_xy,
+                                                tokenizer.config.latent_channels)
+    assert int(metadata["steps"]) > 0
+    stats = LatentStats.from_json(metadata["latent_stats"])
+    triplane = generate_triplanes(generator, stats, num=1, steps=4, seed=0)
+    # A fresh SiT (adaLN-Zero) predicts zero velocity: any step count would return the same noise.
+    one_step = generate_triplanes(generator, stats, num=1, steps=1, seed=0)
+    assert not torch.equal(triplane.xy, one_step.xy)
+    frames = tokenizer.decode_video(triplane, frames=(0, 4))
+    assert frames.shape == (1, 4, 128, 128, 3) and torch.isfinite(frames).all()
