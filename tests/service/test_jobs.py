@@ -121,6 +121,24 @@ def test_cancelling_queued_and_running_jobs_and_deleting_finished_ones(client):
     assert client.get(f"/v1/jobs/{running['id']}").status_code == 404
 
 
+def test_encode_and_decode_are_served_while_a_long_job_runs(client):
+    """The generation lane has its own thread: requests are not queued behind a job's sampling."""
+    job = client.post("/v1/generate", json={"num_videos": 2, "steps": 5000}).json()
+    wait(client, job["id"], until=lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
+    buffer = io.BytesIO()
+    write_video(np.full((8, 16, 16, 3), 90, np.uint8), buffer, fps=8)
+    for _ in range(3):
+        tokens = client.post("/v1/encode", content=buffer.getvalue(), headers={"content-type": "video/mp4"})
+        assert tokens.status_code == 200, tokens.text
+        decoded = client.post("/v1/decode?format=npy", content=tokens.content,
+                              headers={"content-type": tokens.headers["content-type"]})
+        assert decoded.status_code == 200, decoded.text
+    during = client.get(f"/v1/jobs/{job['id']}").json()
+    assert during["status"] == "running" and during["progress"]["step"] < 5000
+    client.delete(f"/v1/jobs/{job['id']}")
+    assert wait(client, job["id"])["status"] == "cancelled"
+
+
 def test_same_idempotency_key_and_body_give_the_same_job_another_body_422(client):
     key = {"idempotency-key": "order-42"}
     first = client.post("/v1/generate", json={"num_videos": 1, "steps": 2}, headers=key)
