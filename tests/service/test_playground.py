@@ -1,0 +1,173 @@
+"""The playground page at `/`: served without the API key (the API calls it makes send the key typed
+into it), and driven in headless Chromium (Debian's package, through Playwright) against a real
+server: an upload shows the original and its reconstruction with PSNR and the planes, a frame
+range decodes to a playable video, and a generation job is followed to playable results.
+
+`COORDTOK_PLAYGROUND_SCREENSHOT=docs/playground.png` runs the browser test on the bundled models
+and a 128x128 clip and saves a screenshot of the page there (how docs/playground.png was made)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from model import LatentStats, SiT, load_model, save_generator, sit_preset
+from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
+from model.triplane import to_uint8
+from service.app import create_app
+from service.cli import moving_shapes_clip
+from service.media import MediaLimits, read_frames, write_video
+from service.settings import Settings
+from tests.service.server_process import ROOT, running_server
+from tests.service.test_jobs import save_models
+
+KEY = "playground-key"
+SCREENSHOT = os.environ.get("COORDTOK_PLAYGROUND_SCREENSHOT")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Chromium without a sandbox (root), GPU or calls home (this machine's network is closed).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_the_page_is_served_without_the_key_and_the_api_still_needs_it(tmp_path):
+    tokenizer, _ = save_models(tmp_path)
+    settings = Settings(model=str(tokenizer), generator="none", devices=["cpu"], api_keys=[KEY], jobs_dir=tmp_path / "jobs")
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "CoordTok playground" in page.text and "/static/playground.js" in page.text
+        script = client.get("/static/playground.js")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+        assert "/v1/encode?format=json" in script.text and "Authorization" in script.text
+        assert client.get("/static/playground.css").status_code == 200
+        assert client.get("/static/missing.js").status_code == 404
+        assert client.get("/static/%2e%2e/app.py").status_code == 404  # only the static folder is open
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert "/" not in client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()["paths"]
+
+
+def browser_or_skip():
+    """Playwright and Debian's chromium: skipped without them outside CI, required in CI."""
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if in_ci:
+            raise
+        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+    if CHROMIUM is None:
+        if in_ci:
+            raise AssertionError("CI needs Debian's chromium for the playground test: .ci/run installs it")
+        pytest.skip("no chromium (apt-get install chromium)")
+    return sync_playwright
+
+
+def models_for_the_page(folder: Path) -> tuple[Path, Path, tuple[int, int, int]]:
+    """(tokenizer, generator, clip shape): tiny random models, or for the screenshot the bundled
+    tokenizer with the bundled generator (a random SiT over its triplanes when there is none)."""
+    if not SCREENSHOT:
+        tokenizer, generator = save_models(folder)
+        return tokenizer, generator, (20, 16, 16)  # three clips of the tiny model's 8 frames
+    generator = DEFAULT_WEIGHTS.with_name("generator.safetensors")
+    if not generator.is_file():
+        config = load_model(None, device="cpu").config
+        c = config.latent_channels
+        torch.manual_seed(0)
+        sit = dataclasses.replace(sit_preset("sit-tiny", config), depth=2)
+        generator = folder / "generator.safetensors"
+        stats = LatentStats(tuple(torch.zeros(c) for _ in range(3)), tuple(torch.ones(c) for _ in range(3)))
+        save_generator(SiT(sit), generator, stats, file_sha256(DEFAULT_WEIGHTS))
+    return DEFAULT_WEIGHTS, generator, (48, 128, 128)
+
+
+def reference_psnr(url: str, clip: Path, frames: int) -> float:
+    """PSNR of the first clip's reconstruction, computed here from the same API answers."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=url, headers=auth, timeout=120) as client:
+        tokens = client.post("/v1/encode", params={"format": "json"}, files={"file": clip.read_bytes()}).content
+        decoded = client.post("/v1/decode", params={"format": "npy", "end": frames}, content=tokens,
+                              headers={"content-type": "application/json"})
+    recon = np.load(io.BytesIO(decoded.content)).astype(np.float64)
+    original, _, _ = read_frames(clip, MediaLimits())
+    mse = ((original[:frames].astype(np.float64) - recon) ** 2).mean()
+    return 10 * np.log10(255**2 / mse)
+
+
+def test_the_playground_encodes_decodes_and_generates_in_chromium(tmp_path):
+    sync_playwright = browser_or_skip()
+    tokenizer, generator, (frames, height, width) = models_for_the_page(tmp_path)
+    clip = tmp_path / "clip.mp4"
+    write_video(to_uint8(moving_shapes_clip(frames, height, width, seed=3)).numpy(), clip, fps=8)
+    env = {"COORDTOK_MODEL": str(tokenizer), "COORDTOK_GENERATOR": str(generator), "COORDTOK_JOBS_DIR": str(tmp_path / "jobs"),
+           "COORDTOK_API_KEYS": f'["{KEY}"]', "COORDTOK_GENERATION_BATCH_SIZE": "2", "COORDTOK_BATCH_MAX_FRAMES": "128"}
+    with running_server(tmp_path / "server.log", env) as url, sync_playwright() as playwright:
+        from playwright.sync_api import expect
+
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        expect(page.locator("#model-info")).to_contain_text("401")  # the page loads; the API wants the key
+        page.fill("#api-key", KEY)
+        page.click("#connect")
+        expect(page.locator("#model-info")).to_contain_text("tokens per clip")
+
+        page.set_input_files("#video-file", str(clip))
+        page.click("#encode-form button[type=submit]")
+        expect(page.locator("#psnr")).to_contain_text("dB", timeout=120_000)
+        shown = float(re.search(r"PSNR (-?[\d.]+) dB", page.inner_text("#psnr")).group(1))
+        config = load_model(str(tokenizer), device="cpu").config
+        first = min(frames, config.frames)
+        assert f"over {first} frames" in page.inner_text("#psnr")
+        assert abs(shown - reference_psnr(url, clip, first)) < 0.5  # the browser decodes the upload as PyAV does
+        expect(page.locator("#token-info")).to_contain_text("tokens")
+        canvases = page.evaluate("""() => Object.fromEntries(["original", "reconstruction", "plane-xy", "plane-yt", "plane-xt"].map(id => {
+            const c = document.getElementById(id);
+            const pixels = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            let lit = 0;
+            for (let i = 0; i < pixels.length; i += 4) lit += pixels[i] + pixels[i + 1] + pixels[i + 2] > 0;
+            return [id, [c.height, c.width, lit]];
+        }))""")
+        r_xy, r_t = config.latent_res_xy, config.latent_res_t
+        assert canvases["original"][:2] == canvases["reconstruction"][:2] == [height, width]
+        assert [canvases[f"plane-{p}"][:2] for p in ("xy", "yt", "xt")] == [[r_xy, r_xy], [r_t, r_xy], [r_t, r_xy]]
+        assert all(lit > 0 for _, _, lit in canvases.values()), canvases
+
+        clips = -(-frames // config.frames)
+        if clips > 1:  # the last clip, padded: its planes, reconstruction and PSNR
+            page.select_option("#clip", str(clips - 1))
+            last = frames - (clips - 1) * config.frames
+            expect(page.locator("#encode-status")).to_contain_text(f"Clip {clips}: {last} frames", timeout=60_000)
+            expect(page.locator("#psnr")).to_contain_text(f"over {last} frames")
+
+        page.fill("#decode-start", "2")
+        page.fill("#decode-end", "6")
+        page.click("#decode-form button[type=submit]")
+        expect(page.locator("#decode-status")).to_contain_text("Decoded frames 2 to 6", timeout=60_000)
+        page.wait_for_function("() => document.getElementById('decoded').readyState >= 2", timeout=30_000)
+        assert page.evaluate("() => [document.getElementById('decoded').videoHeight, document.getElementById('decoded').videoWidth]") \
+            == [height, width]
+
+        page.fill("#num-videos", "2")
+        page.fill("#steps", "50" if SCREENSHOT else "3")
+        page.fill("#seed", "5")
+        page.click("#generate-button")
+        expect(page.locator("#job-status")).to_contain_text("succeeded, 2 videos", timeout=300_000)
+        page.wait_for_function("() => [...document.querySelectorAll('#generated video')].every(v => v.readyState >= 2)"
+                               " && document.querySelectorAll('#generated video').length === 2", timeout=30_000)
+        if SCREENSHOT:
+            page.evaluate("() => { document.getElementById('play').click(); }")  # pause on a frame for the picture
+            page.screenshot(path=str(ROOT / SCREENSHOT), full_page=True)
+        browser.close()
+    assert not errors, errors
