@@ -11,15 +11,18 @@ writes result files -> GET /v1/jobs/{id} and its results.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import importlib.metadata
 import io
 import json
 import logging
+import math
 import re
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,10 +30,14 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from model import CoordTok, PRESETS, load_model
 from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
@@ -45,11 +52,29 @@ try:
     VERSION = importlib.metadata.version("coordtok")
 except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not installed
     VERSION = "unknown"
-# Routes open without an API key: liveness, readiness and metrics.
-_OPEN_ROUTES = {"/healthz", "/readyz", "/metrics"}
+# Routes open without an API key: liveness, readiness, metrics and the playground page (its files
+# only: the API calls it makes send the key typed into it).
+_OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/"}
+_OPEN_PREFIX = "/static/"
+STATIC_DIR = Path(__file__).with_name("static")  # the playground (service/static/)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 VIDEO_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "npy": "application/x-npy"}
 _VIDEO_CODECS = {"mp4": "h264", "webm": "vp9"}
+# Body limit of the routes that take no upload (a generate request is well under 1 KiB).
+_SMALL_BODY_BYTES = 64 * 1024
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# Request bodies the routes read themselves (streamed and bounded), declared for the OpenAPI spec.
+_ENCODE_BODY = {"requestBody": {"required": True, "content": {
+    "video/mp4": _BINARY, "video/webm": _BINARY, "application/octet-stream": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
+                                       "required": ["file"]}},
+}}}
+_PLANE = {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
+_DECODE_BODY = {"requestBody": {"required": True, "content": {
+    "application/vnd.coordtok.tokens+safetensors": _BINARY, "application/x-npz": _BINARY,
+    "application/json": {"schema": {"type": "object", "required": ["xy", "yt", "xt"], "properties": {
+        "xy": _PLANE, "yt": _PLANE, "xt": _PLANE, "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}}},
+}}}
 
 
 class RequestError(Exception):
@@ -58,6 +83,17 @@ class RequestError(Exception):
     def __init__(self, message: str, http_status: int = 422) -> None:
         super().__init__(message)
         self.http_status = http_status
+
+
+class StartupError(Exception):
+    """The server cannot start (a missing, damaged or wrong model file; no memory for warm-up)."""
+
+
+class BodyTooLarge(RequestError):
+    """The request body passed the route's limit (413)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 413)
 
 
 def serving_devices(settings: Settings) -> list[str]:
@@ -116,8 +152,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models: dict[str, CoordTok] = {}
         for device in devices:
             started = time.perf_counter()
-            models[device] = await run_in_threadpool(load_model, settings.model or None, device)
-            await run_in_threadpool(warm_up, models[device], settings.batch_max_frames)
+            try:
+                models[device] = await run_in_threadpool(load_model, settings.model or None, device)
+                await run_in_threadpool(warm_up, models[device], settings.batch_max_frames)
+            except Exception as error:  # the server must not start; `coordtok serve` prints this and exits 2
+                app.state.startup_error = (f"cannot load the model {settings.model or DEFAULT_WEIGHTS} on {device}: "
+                                           f"{type(error).__name__}: {error}")
+                raise StartupError(app.state.startup_error) from None
             metrics.model_load.labels(device).set(time.perf_counter() - started)
         model_id, sha256 = model_identity(settings.model)
         config = next(iter(models.values())).config
@@ -165,7 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = app.state  # engine, config, devices, model_id, sha256: set once the model is loaded
 
     @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, error: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone during the upload
+    async def client_gone(request: Request, error: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.exception_handler(media.MediaError)
@@ -185,7 +227,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         message = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors())
         return JSONResponse({"error": {"type": "ValidationError", "message": message}}, 422)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown route 404, method 405, malformed multipart 400) in the same shape."""
+        return JSONResponse({"error": {"type": "HTTPError", "message": str(error.detail)}}, error.status_code,
+                            headers=error.headers)
+
+    def body_limit(path: str) -> int:
+        if path == "/v1/encode":
+            return settings.max_upload_bytes
+        if path == "/v1/decode":  # the largest token file of max_clips clips the model could take
+            config = getattr(state, "config", None)
+            largest = tokens.largest_file_bytes(config, settings.max_clips) if config is not None else _SMALL_BODY_BYTES
+            return min(settings.max_upload_bytes, largest)
+        return _SMALL_BODY_BYTES
+
+    # Outermost last: CORS (a browser's preflight carries no key), then authentication and
+    # observation, then the body limit, which applies whoever reads the body.
+    app.add_middleware(BodyLimitMiddleware, limit_of=body_limit)
     app.add_middleware(ObserveMiddleware, metrics=metrics, keys=[k.get_secret_value().encode() for k in settings.api_keys])
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Accept", "Idempotency-Key", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Location", "Retry-After", "Idempotent-Replayed"])
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -219,17 +289,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "id": state.generator.model_id, "classes": state.generator.num_classes, "samplers": list(jobs.SAMPLERS),
         }}
 
-    @app.post("/v1/encode")
+    @app.post("/v1/encode", openapi_extra=_ENCODE_BODY)
     async def encode(
         request: Request,
         resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
-        fps: float | None = Query(None, gt=0, le=240),
-        start: float = Query(0.0, ge=0, description="seconds"),
-        end: float | None = Query(None, gt=0, description="seconds"),
+        fps: float | None = Query(None, gt=0, le=240, allow_inf_nan=False),
+        start: float = Query(0.0, ge=0, allow_inf_nan=False, description="seconds"),
+        end: float | None = Query(None, gt=0, allow_inf_nan=False, description="seconds"),
         format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
     ) -> Response:
         engine, config = state.engine, state.config
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
+        if end is not None and end <= start:
+            raise RequestError(f"end ({end:g} s) must come after start ({start:g} s)")
         with engine.admit():
             upload = await receive_upload(request, settings)
             metrics.body_bytes.labels("/v1/encode").observe(upload.stat().st_size)
@@ -263,19 +335,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body = await run_in_threadpool(tokens.serialise, tokens.Tokens(triplane, meta), fmt)
         return Response(body, media_type=tokens.FORMATS[fmt])
 
-    @app.post("/v1/decode")
+    @app.post("/v1/decode", openapi_extra=_DECODE_BODY)
     async def decode(
         request: Request,
         start: int = Query(0, ge=0, description="first frame"),
         end: int | None = Query(None, gt=0, description="frame after the last"),
-        fps: float | None = Query(None, gt=0, le=240),
+        fps: float | None = Query(None, gt=0, le=240, allow_inf_nan=False),
         format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
         restore_size: bool = Query(False, description="scale back to the source size (resize=pad or stretch)"),
     ) -> Response:
         engine, config = state.engine, state.config
         out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
         with engine.admit():
-            body = await read_body(request, settings.max_upload_bytes)
+            body = await request.body()  # bounded by BodyLimitMiddleware
             metrics.body_bytes.labels("/v1/decode").observe(len(body))
             fmt = _token_format(request.headers.get("content-type", ""))
             parsed = await run_in_threadpool(tokens.parse, body, fmt, config, settings.max_clips, state.model_id)
@@ -294,10 +366,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             video = torch.cat([p[0] for p in pieces]).numpy()
             if restore_size:
                 try:
-                    video = await run_in_threadpool(media.restore_source_size, video, _geometry(parsed, config))
+                    video = await run_in_threadpool(media.restore_source_size, video,
+                                                    _geometry(parsed, config, settings.media_limits()))
                 except ValueError as error:
                     raise RequestError(str(error)) from None
-            rate = fps or float(parsed.metadata.get("fps", 0) or media.FALLBACK_FPS)
+            rate = fps or _metadata_fps(parsed)
             began = time.perf_counter()
             payload = await run_in_threadpool(encode_video, video, rate, out)
             metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
@@ -393,7 +466,8 @@ class ObserveMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        if self.keys and route not in _OPEN_ROUTES and not _authorised(headers.get("authorization", ""), self.keys):
+        open_route = route in _OPEN_ROUTES or route.startswith(_OPEN_PREFIX)
+        if self.keys and not open_route and not _authorised(headers.get("authorization", ""), self.keys):
             refusal = JSONResponse({"error": {"type": "Unauthorized", "message": "send a valid API key as 'Authorization: Bearer KEY'"}},
                                    401, headers={"WWW-Authenticate": "Bearer"})
             await refusal(scope, receive, send_with_id)
@@ -470,21 +544,47 @@ def _clip_lengths(parsed: tokens.Tokens, frames_per_clip: int) -> list[int]:
     try:
         lengths = json.loads(parsed.metadata.get("n_frames", "null")) or [frames_per_clip] * parsed.clips
         lengths = [int(n) for n in lengths]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError):
         raise tokens.TokenError("metadata 'n_frames' must be a JSON list of frame counts") from None
     if len(lengths) != parsed.clips or not all(1 <= n <= frames_per_clip for n in lengths):
         raise tokens.TokenError(f"metadata 'n_frames' must list {parsed.clips} counts in [1, {frames_per_clip}]")
     return lengths
 
 
-def _geometry(parsed: tokens.Tokens, config) -> media.Geometry:
-    """The resize the tokens' video went through, from their metadata."""
+def _geometry(parsed: tokens.Tokens, config, limits: media.MediaLimits) -> media.Geometry:
+    """The resize the tokens' video went through, from their metadata, checked: the source size
+    (that of the restored frames) within the media limits, the kept region within the frame."""
     try:
         g = json.loads(parsed.metadata["geometry"])
-        return media.Geometry(g["policy"], tuple(json.loads(parsed.metadata["source_size"])), tuple(g["scaled"]),
-                              (config.height, config.width), tuple(g["crop"]), tuple(g["pad"]))
-    except (KeyError, TypeError, ValueError):
+        geometry = media.Geometry(g["policy"], _ints(json.loads(parsed.metadata["source_size"]), 2), _ints(g["scaled"], 2),
+                                  (config.height, config.width), _ints(g["crop"], 4), _ints(g["pad"], 4))
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise RequestError("restore_size needs the 'geometry' and 'source_size' metadata that /v1/encode writes") from None
+    (height, width), (top, left, h, w) = geometry.source, geometry.pad
+    if not (1 <= height <= limits.max_height and 1 <= width <= limits.max_width and height * width <= limits.max_pixels):
+        raise RequestError(f"metadata 'source_size' [{height}, {width}] lies outside this server's limit of "
+                           f"{limits.max_height}x{limits.max_width}")
+    if not (0 <= top and 0 <= left and 1 <= h and 1 <= w and top + h <= config.height and left + w <= config.width):
+        raise RequestError(f"metadata 'geometry' pad box {list(geometry.pad)} lies outside the {config.height}x{config.width} frames")
+    return geometry
+
+
+def _ints(values, n: int) -> tuple[int, ...]:
+    if not isinstance(values, list) or len(values) != n or not all(type(v) is int for v in values):
+        raise ValueError(f"expected a list of {n} integers")
+    return tuple(values)
+
+
+def _metadata_fps(parsed: tokens.Tokens) -> float:
+    """The frame rate the tokens' metadata gives (their source's), else FALLBACK_FPS."""
+    try:
+        rate = float(parsed.metadata.get("fps") or media.FALLBACK_FPS)
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate <= 1000:  # NaN fails too
+        raise tokens.TokenError(f"metadata 'fps' must be a frame rate in (0, 1000], got {parsed.metadata['fps'][:20]!r}; "
+                                "or pass the fps query parameter")
+    return rate
 
 
 def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
@@ -510,59 +610,90 @@ def _token_format(content_type: str) -> str:
     raise RequestError(f"unsupported token content type {kind!r}; send one of {sorted(tokens.FORMATS.values())}", 415)
 
 
-async def bounded_chunks(request: Request, limit: int):
-    """The raw request body in chunks, refused with 413 as soon as it passes `limit` bytes
-    (at once when its declared length does)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"the body is {declared} bytes; the limit is {limit}", 413)
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"the body exceeds the limit of {limit} bytes", 413)
-        yield chunk
+class BodyLimitMiddleware:
+    """Bound every request body while it streams in, whoever reads it (the upload code,
+    Starlette's multipart parser, FastAPI's JSON parsing), by `limit_of(path)` bytes. A declared
+    Content-Length past the limit is refused with 413 before the app runs; a body that passes it
+    while streaming (chunked, without Content-Length) ends the read with `BodyTooLarge`, and the
+    answer is that 413 whatever the app made of the failed read."""
+
+    def __init__(self, app, limit_of: Callable[[str], int]) -> None:
+        self.app, self.limit_of = app, limit_of
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_of(scope["path"])
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await _refusal(BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}"))(scope, receive, send)
+        received, too_large, started, replaced = 0, None, False, False
+
+        async def bounded_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = BodyTooLarge(f"the body exceeds the limit of {limit} bytes")
+                    raise too_large
+            return message
+
+        async def checked_send(message) -> None:
+            nonlocal started, replaced
+            if message["type"] == "http.response.start":
+                started = True
+                if too_large is not None and message["status"] != 413:  # e.g. FastAPI's 400 for a body it could not read
+                    replaced = True
+                    return await _refusal(too_large)(scope, receive, send)
+            if not replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, checked_send)
+        except Exception:
+            if too_large is None or started:
+                raise
+            await _refusal(too_large)(scope, receive, send)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in bounded_chunks(request, limit)])
+def _refusal(error: RequestError) -> JSONResponse:
+    return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, error.http_status)
 
 
 async def receive_upload(request: Request, settings: Settings) -> Path:
-    """Stream the uploaded video to a temporary file (raw body, or multipart field `file`),
-    refusing it with 413 past `max_upload_bytes`. The caller removes the file."""
-    limit = settings.max_upload_bytes
+    """Stream the uploaded video to a temporary file in `upload_dir` (raw body, or multipart field
+    `file`; bounded by BodyLimitMiddleware). The file is removed on any failure, a client that
+    went away included; otherwise the caller removes it. A full disk answers 503."""
     handle = tempfile.NamedTemporaryFile(prefix="coordtok-", suffix=".upload", dir=settings.upload_dir, delete=False)
     path = Path(handle.name)
     try:
         with handle:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                await _save_multipart_file(request, handle, limit)
+                await _save_multipart_file(request, handle)
             else:
-                async for chunk in bounded_chunks(request, limit):
+                async for chunk in request.stream():
                     handle.write(chunk)
         if path.stat().st_size == 0:
             raise RequestError("the upload is empty: send a video file")
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise RequestError("the server has no room for the upload right now; retry later", 503) from None
+        raise
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return path
 
 
-async def _save_multipart_file(request: Request, handle, limit: int) -> None:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"the upload is {declared} bytes; the limit is {limit}", 413)
+async def _save_multipart_file(request: Request, handle) -> None:
     form = await request.form(max_files=1, max_fields=0)
     try:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise RequestError("send the video in the multipart field 'file'")
-        size = 0
         while chunk := await upload.read(1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"the upload exceeds the limit of {limit} bytes", 413)
             handle.write(chunk)
     finally:
         await form.close()

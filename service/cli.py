@@ -16,6 +16,8 @@ import uvicorn
 
 from model.triplane import to_uint8
 
+KEEP_ALIVE_S = 75
+
 
 def moving_shapes_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """A synthetic clip [frames, height, width, 3] in [-1, 1]: a smooth colour gradient with a
@@ -81,8 +83,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**({"model": args.model} if args.model else {}), **({"generator": args.generator} if args.generator else {}))
     configure_logging(settings.log_format)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
-    DrainingServer(config, app, settings.drain_timeout_s).run()
+    # Idle keep-alive connections stay open longer than clients and proxies keep theirs (httpx 5 s,
+    # nginx 60 s): at uvicorn's default of 5 s a request sent as the server closes the connection
+    # is lost (seen under load as connection resets the server never logged).
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            timeout_keep_alive=KEEP_ALIVE_S)
+    try:
+        DrainingServer(config, app, settings.drain_timeout_s).run()
+    except SystemExit:  # uvicorn's exit when start-up failed (logged): say why in one line
+        problem = getattr(app.state, "startup_error", None)
+        if problem is None:
+            raise
+        print(f"coordtok: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -48,6 +48,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 
 from model import LatentStats, SiT, Triplane, generate_triplanes
 from model.checkpoint import DEFAULT_GENERATOR, file_sha256
@@ -314,11 +315,11 @@ class JobStore:
 
     def finish(self, job_id: str, status: str, error: str | None = None) -> Job:
         """A running job -> succeeded, failed or cancelled. The results of a job that did not
-        succeed are removed."""
+        succeed are removed first, so that no one sees it finished with files left behind."""
         assert status in FINISHED
-        self._write("UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?", (status, time.time(), error, job_id))
         if status != "succeeded":
             shutil.rmtree(self.results / job_id, ignore_errors=True)
+        self._write("UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ?", (status, time.time(), error, job_id))
         return self._entered(job_id)
 
     def requeue(self, job_id: str) -> None:
@@ -393,15 +394,20 @@ class JobStore:
         return self.results / job.id / f"{k:04d}.{extension}"
 
     def write_result(self, job: Job, k: int, payload: bytes) -> None:
-        """Write video k of `job` atomically (a temporary file, flushed, then renamed)."""
+        """Write video k of `job` atomically (a temporary file, flushed, then renamed). A failed
+        write (a full disk) leaves nothing behind and raises: the job fails, not the lane."""
         path = self.result_path(job, k)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".tmp")
-        with open(partial, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        try:
+            with open(partial, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def _job(row) -> Job:
@@ -462,6 +468,8 @@ def load_generator(spec: str, tokenizer_sha256: str, tokenizer: CoordTokConfig,
         stats = LatentStats.from_json(metadata["latent_stats"])
     except ValueError as error:
         return None, str(error)
+    except SafetensorError as error:  # a damaged file: serve encode and decode without generation
+        return None, f"the generator file {path} cannot be read ({error}); replace it"
     expected = (tokenizer.latent_res_xy, tokenizer.latent_res_t, tokenizer.latent_channels)
     c = model.config
     if (c.latent_res_xy, c.latent_res_t, c.latent_channels) != expected:

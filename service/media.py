@@ -6,11 +6,13 @@ are enforced again on every decoded frame, so a file whose header lies is still 
 
 Errors form one hierarchy, each with the HTTP status a server should answer with:
 
-- `UnsupportedMedia` (415): not a video container, no video stream, or a codec FFmpeg cannot decode.
-- `CorruptMedia` (422): an empty or truncated file, or a stream that fails to decode.
+- `UnsupportedMedia` (415): not a video container, audio only, or a codec FFmpeg cannot decode.
+- `CorruptMedia` (422): an empty or truncated file, a container without a readable stream, or a
+  stream that fails to decode.
 - `MediaTooLarge` (413): the header or the decoded frames exceed the limits.
 
-Missing files and other operating-system errors are not media errors and propagate unchanged.
+Missing files and permission errors are not media errors and propagate unchanged (FFmpeg's I/O
+errors on a damaged file are media errors).
 A file cut short inside its frame data can decode without any error (FFmpeg's Matroska demuxer
 just stops): the frames before the cut are returned.
 
@@ -188,7 +190,7 @@ def _open_container(source: Source) -> av.container.InputContainer:
     try:
         return av.open(source, mode="r")
     except av.error.FFmpegError as e:
-        if isinstance(e, OSError):  # a missing file, permissions: not a media problem
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):  # not a media problem
             raise
         if _looks_like_container(head):
             raise CorruptMedia(
@@ -246,9 +248,9 @@ def _opened(source: Source, limits: MediaLimits):
     container = _open_container(source)
     try:
         if not container.streams.video:
-            raise UnsupportedMedia(
-                "the file has no video stream (audio only?); upload a file that contains video"
-            )
+            if container.streams.audio:
+                raise UnsupportedMedia("the file has only audio; upload a file that contains video")
+            raise CorruptMedia("the file has no readable video stream: a truncated or damaged file?")
         stream = container.streams.video[0]
         if stream.codec_context is None or not stream.codec_context.name:
             raise UnsupportedMedia("the video codec is unknown to FFmpeg; re-encode it as H.264")
@@ -279,7 +281,7 @@ def _timed_frames(
     if seek_s > 0:
         try:
             container.seek(int((origin + seek_s) / time_base), stream=stream, backward=True)
-        except av.error.FFmpegError:
+        except (av.error.FFmpegError, OverflowError):  # OverflowError: a start past any timestamp
             pass  # not seekable: decode from the start; frames before the range are skipped
     previous = None
     decoded = 0
@@ -478,7 +480,7 @@ def _expected_count(info, fps, start_s, end_s, max_frames, limits) -> int:
     """How many frames a request should yield according to the header (a buffer size hint)."""
     rate = fps or info.fps or FALLBACK_FPS
     end = info.duration_s if end_s is None else min(end_s, info.duration_s or end_s)
-    estimate = max(math.ceil((end - start_s) * rate), 1)
+    estimate = max(math.ceil(min((end - start_s) * rate, limits.max_frames)), 1)
     return min(estimate, max_frames if max_frames is not None else estimate, limits.max_frames)
 
 

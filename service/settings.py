@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     job_sweep_interval_s: float = Field(600.0, gt=0)
 
     api_keys: list[SecretStr] = Field(default_factory=list, description="bearer keys; empty: no authentication")
+    cors_origins: list[str] = Field(default_factory=list, description="origins a browser may call the API from "
+                                    "(e.g. [\"https://app.example\"]); empty: no CORS headers")
     log_format: Literal["json", "text"] = "json"
     upload_dir: Path | None = None  # temporary uploads (default: the system's temp folder)
 

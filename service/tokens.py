@@ -58,6 +58,15 @@ def plane_shapes(config: CoordTokConfig) -> dict[str, tuple[int, int, int]]:
     return {"xy": (xy, xy, c), "yt": (t, xy, c), "xt": (t, xy, c)}
 
 
+def largest_file_bytes(config: CoordTokConfig, max_clips: int) -> int:
+    """An upper bound on the size of a token file `parse` can accept for `config`: `max_clips`
+    clips in the largest format (JSON: 21 bytes per value as `serialise` writes it, 45 indented
+    by 4 spaces; 48 allowed) plus 1 MiB of header and metadata. Bodies past it are refused before
+    they are read."""
+    values = sum(a * b * c for a, b, c in plane_shapes(config).values())
+    return max_clips * values * 48 + (1 << 20)
+
+
 def serialise(tokens: Tokens, fmt: str) -> bytes:
     """Tokens -> bytes in `fmt` (safetensors, npz or json); planes are written as float32."""
     planes = {name: plane.detach().float().cpu().contiguous() for name, plane in zip(PLANES, tokens.triplane.planes())}
@@ -119,16 +128,20 @@ def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch
     (header_length,) = struct.unpack("<Q", data[:8])
     if header_length > min(len(data) - 8, 1 << 20):
         raise TokenError("not a safetensors file: its header length is out of range (truncated or another format)")
-    try:
-        header = json.loads(data[8 : 8 + header_length])
-    except ValueError:
-        raise TokenError("not a safetensors file: its header is not JSON") from None
+    header = _json(data[8 : 8 + header_length], "the safetensors header")
+    if not isinstance(header, dict):
+        raise TokenError("not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(entry, dict) for entry in header.values()):
+        raise TokenError("not a safetensors file: its header is not an object of tensor entries and string metadata")
     _require_planes(set(header))
     for name, entry in header.items():
         if name in expected and entry.get("dtype") not in _FLOAT_DTYPES:
             raise TokenError(f"plane {name!r} has dtype {entry.get('dtype')}; send F32, F16 or BF16")
-        _check_declared(name, tuple(entry.get("shape", ())), expected, max_clips)
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+            raise TokenError(f"tensor {name!r}: its shape must be a list of integers, got {str(shape)[:40]}")
+        _check_declared(name, tuple(shape), expected, max_clips)
     try:
         tensors = load_safetensors(data)
     except Exception as error:  # the library raises its own error types for malformed files
@@ -156,7 +169,9 @@ def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor]
         metadata = {}
         if _NPZ_METADATA in members:
             with archive.open(members[_NPZ_METADATA]) as f:
-                metadata = json.loads(str(np.lib.format.read_array(f, allow_pickle=False)))
+                metadata = _json(str(np.lib.format.read_array(f, allow_pickle=False)), "the .npz metadata")
+            if not isinstance(metadata, dict):
+                raise TokenError("the .npz metadata must be a JSON object of strings")
     except TokenError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
@@ -164,11 +179,16 @@ def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor]
     return planes, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _json(text: bytes | str, what: str):
+    """json.loads, with every failure (nesting too deep included) a TokenError about `what`."""
     try:
-        document = json.loads(data)
-    except ValueError as error:
-        raise TokenError(f"the JSON token file does not parse: {error}") from None
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise TokenError(f"{what} is not valid JSON: {str(error)[:200]}") from None
+
+
+def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    document = _json(data, "the JSON token file")
     if not isinstance(document, dict):
         raise TokenError('a JSON token file is an object {"xy": [...], "yt": [...], "xt": [...], "metadata": {...}}')
     _require_planes(set(document))

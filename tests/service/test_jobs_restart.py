@@ -1,6 +1,6 @@
-"""A server process killed (SIGKILL) while a job runs: started again on the same jobs dir, it
-finishes the job, keeping the videos already written, with the same files as an uninterrupted
-run. Then the `coordtok generate --url` command against that server."""
+"""A server process killed (SIGKILL) while a job runs and another waits: started again on the
+same jobs dir, it finishes both, keeping the videos already written, with the same files as an
+uninterrupted run; no job is lost. Then the `coordtok generate --url` command against that server."""
 import os
 import signal
 import socket
@@ -55,6 +55,7 @@ def test_a_killed_server_resumes_its_job_with_identical_results(tmp_path):
     server = start_server(tmp_path, tokenizer, generator, port)
     try:
         job = httpx.post(f"{url}/v1/generate", json=body).json()
+        waiting = httpx.post(f"{url}/v1/generate", json={"num_videos": 1, "steps": 2, "seed": 3}).json()
         while True:  # kill it once the first group of videos is on disk
             seen = httpx.get(f"{url}/v1/jobs/{job['id']}").json()
             assert seen["status"] in ("queued", "running"), "the job finished before the kill: make it slower"
@@ -70,6 +71,7 @@ def test_a_killed_server_resumes_its_job_with_identical_results(tmp_path):
         server = start_server(tmp_path, tokenizer, generator, port)
         resumed = finished(url, job["id"])
         assert resumed["status"] == "succeeded" and resumed["attempts"] == 2
+        assert finished(url, waiting["id"])["status"] == "succeeded"  # queued at the kill: not lost
         assert {name: (results / name).stat().st_mtime_ns for name in kept} == kept  # not generated again
 
         again = finished(url, httpx.post(f"{url}/v1/generate", json=body).json()["id"])  # uninterrupted

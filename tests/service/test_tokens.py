@@ -90,3 +90,36 @@ def test_npz_with_pickled_objects_is_refused():
     np.savez(buffer, xy=np.array([object()], dtype=object), yt=t.triplane.yt.numpy(), xt=t.triplane.xt.numpy())
     with pytest.raises(TokenError, match="dtype object"):
         parse(buffer.getvalue(), "npz", CONFIG, max_clips=4)
+
+
+def _safetensors_with_header(header) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("fmt,data", [
+    ("safetensors", _safetensors_with_header([1, 2])),
+    ("safetensors", _safetensors_with_header({"xy": 1, "yt": 2, "xt": 3})),
+    ("safetensors", _safetensors_with_header({n: {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]} for n in ("xy", "yt", "xt")})),
+    ("safetensors", _safetensors_with_header({"__metadata__": [1], "xy": {}, "yt": {}, "xt": {}})),
+    ("json", b"[" * 100_000),
+    ("npz", None),  # metadata that is JSON but not an object
+])
+def test_malformed_headers_and_metadata_are_token_errors(fmt, data):
+    if data is None:
+        buffer = io.BytesIO()
+        t = tokens()
+        np.savez(buffer, xy=t.triplane.xy.numpy(), yt=t.triplane.yt.numpy(), xt=t.triplane.xt.numpy(), __metadata__=np.array("[1]"))
+        data = buffer.getvalue()
+    with pytest.raises(TokenError):
+        parse(data, fmt, CONFIG, max_clips=4)
+
+
+def test_the_largest_acceptable_file_fits_the_body_bound():
+    from service.tokens import largest_file_bytes
+
+    biggest = tokens(4)
+    for fmt in FORMATS:
+        assert len(serialise(biggest, fmt)) < largest_file_bytes(CONFIG, 4)
+    indented = json.dumps(json.loads(serialise(biggest, "json")), indent=4).encode()
+    assert len(indented) < largest_file_bytes(CONFIG, 4) - (1 << 20)  # within the per-value share alone

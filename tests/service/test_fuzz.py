@@ -1,0 +1,47 @@
+"""Schemathesis against the app's own OpenAPI spec: every operation, generated parameters and
+bodies (videos, token files, job requests, job ids), through the real app with a tiny tokenizer
+and generator. No answer may be a 5xx. Bounded and deterministic (derandomized): set
+COORDTOK_FUZZ_EXAMPLES to explore more per operation (default 25)."""
+import os
+from collections import Counter
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.python import asgi
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.test_jobs import save_models
+
+EXAMPLES = int(os.environ.get("COORDTOK_FUZZ_EXAMPLES", "25"))
+ANSWERS: Counter = Counter()  # (operation, status) -> calls; printed at the end (pytest -s)
+
+
+@pytest.fixture(scope="module")
+def api_schema(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    tokenizer, generator = save_models(folder)
+    app = create_app(Settings(
+        model=str(tokenizer), generator=str(generator), jobs_dir=folder / "jobs", devices=["cpu"], batch_wait_ms=0,
+        max_videos_per_job=2, max_generation_steps=60, max_queued_jobs=100_000, upload_dir=folder,
+    ))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    yield schema
+    asgi.shutdown_lifespans()  # the app's lifespan: engine, generation lane
+    assert list(folder.glob("coordtok-*.upload")) == []  # every temporary upload was removed
+    for (operation, status), calls in sorted(ANSWERS.items()):
+        print(f"fuzz: {operation} {status} x{calls}")
+    print(f"fuzz: {sum(ANSWERS.values())} calls")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_no_operation_answers_a_server_error(case):
+    response = case.call()
+    ANSWERS[f"{case.method} {case.operation.path}", response.status_code] += 1
+    assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:500]}"
