@@ -194,10 +194,10 @@ class DeviceWorker:
             except Exception as error:  # a failed batch fails its requests, not the worker
                 self.running = 0
                 failure = DeviceFailure.of(error, self.device)
+                self.healthy = self.probe()  # before the requests learn of the failure: readiness is current
                 for work in batch:
                     work.finish(error=failure)
                 self._report(batch, started, ok=False, out_of_memory=failure.out_of_memory)
-                self.healthy = self.probe()
                 continue
             self.healthy, self.running = True, 0
             for work, result in zip(batch, results):
