@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
@@ -20,15 +19,10 @@ from service import jobs
 from service.app import create_app
 from service.settings import Settings
 from tests.service.test_app import video_file
-from tests.service.test_jobs import save_models, wait
+from tests.service.test_jobs import wait
 
 ROOT = Path(__file__).resolve().parents[2]
 VIDEO = {"content-type": "video/mp4"}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return save_models(tmp_path_factory.mktemp("models"))
 
 
 def settings(models, folder, **overrides) -> Settings:

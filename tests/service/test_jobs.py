@@ -34,11 +34,6 @@ def save_models(folder, num_classes: int = 0):
     return tokenizer, generator
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return save_models(tmp_path_factory.mktemp("models"))
-
-
 def settings(models, jobs_dir, **overrides) -> Settings:
     tokenizer, generator = models
     return Settings(**{"model": str(tokenizer), "generator": str(generator), "jobs_dir": jobs_dir, "devices": ["cpu"],

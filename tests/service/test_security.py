@@ -9,33 +9,21 @@ import re
 import uuid
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from service import app as app_module
 from service.app import create_app
 from service.jobs import GenerateRequest, JobStore
-from service.settings import Settings
 from tests.service.test_app import video_file
-from tests.service.test_jobs import save_models, wait
+from tests.service.test_faults import settings
+from tests.service.test_jobs import wait
 
 KEY = "k3y-0123456789"
 # Open without a key: liveness, readiness, metrics, and the playground page with its files.
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/"}
 OPEN_PREFIXES = ("/static/",)
 TOKEN_TYPE = {"content-type": "application/vnd.coordtok.tokens+safetensors"}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return save_models(tmp_path_factory.mktemp("models"))
-
-
-def settings(models, folder, **overrides) -> Settings:
-    tokenizer, generator = models
-    return Settings(**{"model": str(tokenizer), "generator": str(generator), "jobs_dir": folder / "jobs",
-                       "devices": ["cpu"], "batch_wait_ms": 0, **overrides})
 
 
 def concrete_requests(app) -> list[tuple[str, str]]:
