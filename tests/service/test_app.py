@@ -18,6 +18,7 @@ from service.app import create_app
 from service.media import MediaLimits, read_frames, write_video
 from service.settings import Settings
 from tests.service.test_engine import CONFIG
+from tests.system_tools import require
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +207,8 @@ def test_decode_restores_the_source_size_unless_cropped(client):
     assert response.status_code == 422 and "resize=pad" in response.json()["error"]["message"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed; .ci/run installs it")
 def test_metrics_pass_promtool_check(client):
+    require(shutil.which("promtool"), "promtool", "apt-get install prometheus; .ci/run installs it")
     client.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"})
     client.get("/v1/models")
     scrape = client.get("/metrics")

@@ -18,6 +18,7 @@ from service.media import MediaLimits, read_frames, write_video
 from service.settings import Settings
 from service.tokens import parse
 from tests.service.test_engine import CONFIG
+from tests.system_tools import require
 
 STATS = LatentStats(tuple(torch.zeros(4) for _ in range(3)), tuple(torch.ones(4) for _ in range(3)))
 
@@ -282,6 +283,6 @@ def test_job_routes_are_counted_under_their_templates_and_pass_promtool(client):
     scrape = client.get("/metrics").text
     assert 'coordtok_requests_total{route="/v1/jobs/{job_id}",status="404"}' in scrape
     assert "some-job-id" not in scrape
-    if shutil.which("promtool"):
-        result = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
+    require(shutil.which("promtool"), "promtool", "apt-get install prometheus; .ci/run installs it")
+    result = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

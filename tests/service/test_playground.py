@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -29,6 +28,7 @@ from service.media import MediaLimits, read_frames, write_video
 from service.settings import Settings
 from tests.service.server_process import ROOT, running_server
 from tests.service.test_jobs import save_models
+from tests.system_tools import require
 
 KEY = "playground-key"
 SCREENSHOT = os.environ.get("COORDTOK_PLAYGROUND_SCREENSHOT")
@@ -58,17 +58,12 @@ def test_the_page_is_served_without_the_key_and_the_api_still_needs_it(tmp_path)
 
 def browser_or_skip():
     """Playwright and Debian's chromium: skipped without them outside CI, required in CI."""
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        if in_ci:
-            raise
-        pytest.skip("playwright is not installed (pip install -e '.[test]')")
-    if CHROMIUM is None:
-        if in_ci:
-            raise AssertionError("CI needs Debian's chromium for the playground test: .ci/run installs it")
-        pytest.skip("no chromium (apt-get install chromium)")
+        sync_playwright = None
+    require(sync_playwright, "playwright", "pip install -e '.[test]'")
+    require(CHROMIUM, "Debian's chromium", "apt-get install chromium; .ci/run installs it")
     return sync_playwright
 
 
