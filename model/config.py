@@ -150,11 +150,13 @@ PRESETS: dict[str, CoordTokConfig] = {
         dec_dim=384, dec_heads=6, dec_layers=8,
     ),
     # Trains and serves on a 2-core CPU: same video and triplane shapes as the paper's model
-    # (1,280 tokens per 128-frame clip), narrow and shallow networks, smaller query patches, and
-    # 4-frame decode slices (1,024 patches, as many as a stage-1 step reconstructs).
+    # (1,280 tokens per 128-frame clip), narrow and shallow networks, and 4-frame decode slices
+    # (1,024 patches, as many as a stage-1 step reconstructs). Its query tokens cover 2x2 cells,
+    # one encoder token's worth, and its encoder is 144 wide: the layout that
+    # trainer/codec_init.py can start from a linear codec.
     "coordtok-tiny": CoordTokConfig(
-        enc_dim=128, enc_heads=4, enc_vit_layers=2, enc_cross_layers=4,
-        latent_patch_xy=4, latent_patch_t=8,
+        enc_dim=144, enc_heads=4, enc_vit_layers=2, enc_cross_layers=4,
+        latent_patch_xy=2, latent_patch_t=2,
         dec_dim=128, dec_heads=4, dec_layers=4, decode_slice_frames=4,
     ),
 }

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.config import PRESETS
+
 
 @dataclass
 class TrainConfig:
@@ -18,6 +20,10 @@ class TrainConfig:
     model: str = "coordtok-tiny"
     # Model config fields to override on a preset, e.g. {"decode_slice_frames": 4}.
     model_overrides: dict = field(default_factory=dict)
+    # How a preset's weights start: "random", or "codec" (trainer/codec_init.py: the network
+    # computes a linear triplane codec fitted to `init_clips` training clips, then trains on).
+    init: str = "random"
+    init_clips: int = 32
     videos: str = ""
     exclude: list[str] = field(default_factory=list)  # file names held out of training
     run_dir: str = "runs/tokenizer"
@@ -63,6 +69,10 @@ class TrainConfig:
             raise ValueError("stage must be 1 or 2")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError("precision must be auto, fp32, bf16 or fp16")
+        if self.init not in ("random", "codec"):
+            raise ValueError("init must be random or codec")
+        if self.init == "codec" and self.model not in PRESETS:
+            raise ValueError("init=codec starts a preset from scratch; a .safetensors model already has weights")
         if not self.videos:
             raise ValueError("--videos DIR is required")
         if min(self.batch_size, self.accum_steps, self.steps, self.points) < 1:

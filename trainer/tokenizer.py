@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from model import PRESETS, CoordTok, load_model, preset
 from model.triplane import patches_to_video
 from trainer import distributed, loop
+from trainer.codec_init import codec_init
 from trainer.config import TrainConfig
 from trainer.data import VideoClips, list_videos
 from trainer.ema import EMA
@@ -44,9 +45,21 @@ class Trainer(TrainLoop):
     def __init__(self, config: TrainConfig, dist: distributed.Distributed) -> None:
         self.config, self.dist = config, dist
         self.run_dir = Path(config.run_dir)
-        self.model = build_model(config).to(dist.device)
-        self.model_config = self.model.config
-        self.stage2_frames = config.stage2_frames or self.model_config.decode_slice_frames
+        self.model = build_model(config)
+        self.model_config = c = self.model.config
+        self.stage2_frames = config.stage2_frames or c.decode_slice_frames
+        excluded = set(config.exclude)
+        files = [p for p in list_videos(config.videos) if p.name not in excluded]
+        if not files:
+            raise ValueError(f"no videos under {config.videos}")
+        self.dataset = VideoClips(
+            files, frames=c.frames, height=c.height, width=c.width, fps=config.fps or None,
+            cache=config.cache, clips_per_video=config.clips_per_video, seed=config.seed,
+        )
+        if config.init == "codec":
+            codec_init(self.model, *self.init_clips())
+
+        self.model.to(dist.device)
         self.net = DistributedDataParallel(self.model) if dist.enabled else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = autocast_dtype(config, dist.device)
@@ -54,22 +67,19 @@ class Trainer(TrainLoop):
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.lpips = load_lpips(config.lpips_weights or None, device=dist.device) if config.stage == 2 else None
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + dist.rank)
-
-        excluded = set(config.exclude)
-        files = [p for p in list_videos(config.videos) if p.name not in excluded]
-        if not files:
-            raise ValueError(f"no videos under {config.videos}")
-        c = self.model_config
-        self.dataset = VideoClips(
-            files, frames=c.frames, height=c.height, width=c.width, fps=config.fps or None,
-            cache=config.cache, clips_per_video=config.clips_per_video, seed=config.seed,
-        )
         self.sampler = EpochSampler(len(self.dataset), config.seed, dist.rank, dist.world_size)
         if len(self.dataset) // dist.world_size < config.batch_size:
             raise ValueError("fewer clips than one batch per process: lower --batch-size or raise --clips-per-video")
         self.start_position()
 
     # -- data --------------------------------------------------------------------------------
+    def init_clips(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`init_clips` training clips spread over the dataset (the same on every rank):
+        video [N, T, H, W, 3] and n_frames [N]."""
+        count = min(self.config.init_clips, len(self.dataset))
+        items = [self.dataset[i * len(self.dataset) // count] for i in range(count)]
+        return torch.stack([video for video, _ in items]), torch.tensor([int(n) for _, n in items])
+
     def batches(self):
         """Micro-batches forever, from the current data position. The workers persist across
         epochs, so a dataset's cache of decoded videos is filled once."""
