@@ -64,7 +64,7 @@ class Layout:
 
     @property
     def block(self) -> int:
-        """Content values per plane block: every plane's query token holds cells[0]... x C values."""
+        """Content values per plane block: one query token's cells (p x p) times C channels."""
         return self.cells[1] ** 2 * self.channels
 
     @property
