@@ -236,8 +236,8 @@ def init_encoder(model: CoordTok, bases: CodecBases) -> None:
 
     # Cross-attention: layer 1 averages each cell's own tokens (heads: xy, xt, yt content);
     # layer 2 averages over all times and subtracts (heads: xt, yt), leaving the motion.
-    sigma_memory, sigma_query = _layernorm_scale(d), _layernorm_scale(d)
-    gain = (SCORE_PER_AXIS * hd**0.5 * sigma_query) ** 0.5
+    sigma = _layernorm_scale(d)  # memory and query streams: both D wide, each with one +A/-A pair
+    gain = (SCORE_PER_AXIS * hd**0.5 * sigma) ** 0.5
     local = torch.ones(n)
     static = torch.cat([torch.zeros(gt), torch.ones(gx + gy)])
     xt_pair = torch.zeros(block, block)  # value of the static head: both t cells' mean, for each t cell
@@ -261,20 +261,20 @@ def init_encoder(model: CoordTok, bases: CodecBases) -> None:
             qkv[rows, :n] = torch.diag(axes) * gain
             qkv[d + head * hd : d + head * hd + n, :n] = torch.diag(axes) * gain
             values = slice(2 * d + head * hd, 2 * d + head * hd + block)
-            qkv[values, start : start + block] = mix * sigma_memory
-            qkv[values, comp] = -mix.sum(1) * sigma_memory
+            qkv[values, start : start + block] = mix * sigma
+            qkv[values, comp] = -mix.sum(1) * sigma
             blk.cross_attn.proj.weight[start : start + block, head * hd : head * hd + block] = sign * torch.eye(block)
 
     # Output: the norm keeps content and compensation; each plane reads its own block.
     enc.cross_norm.weight.copy_(keep)
     nn.init.zeros_(enc.cross_norm.bias)
-    for index, name in enumerate(PLANES):
+    for name in PLANES:
         project = enc.planes[name].project
         start = n + {"xy": 0, "xt": block, "yt": 2 * block}[name]
         nn.init.zeros_(project.weight)
         nn.init.zeros_(project.bias)
-        project.weight[:, start : start + block] = torch.eye(block) * sigma_query
-        project.weight[:, comp] = -sigma_query
+        project.weight[:, start : start + block] = torch.eye(block) * sigma
+        project.weight[:, comp] = -sigma
 
 
 @torch.no_grad()
