@@ -9,7 +9,14 @@ Errors form one hierarchy, each with the HTTP status a server should answer with
 - `UnsupportedMedia` (415): not a video container, audio only, or a codec FFmpeg cannot decode.
 - `CorruptMedia` (422): an empty or truncated file, a container without a readable stream, or a
   stream that fails to decode.
-- `MediaTooLarge` (413): the header or the decoded frames exceed the limits.
+- `MediaTooLarge` (413): the header or the decoded frames exceed the limits (`TooManyFrames`: a
+  request's own frame limit).
+
+A still image FFmpeg reads (PNG, JPEG, ...) is a video of one frame; a PNG's size is checked from
+its header before FFmpeg sees it.
+
+Long work can be stopped: `read_frames`, `write_video` and `restore_source_size` call `check_stop()`
+before each frame, and whatever it raises ends the work (a server's deadline, a client gone).
 
 Missing files and permission errors are not media errors and propagate unchanged (FFmpeg's I/O
 errors on a damaged file are media errors).
@@ -28,7 +35,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -43,6 +51,9 @@ Source = Union[str, os.PathLike, BinaryIO]
 RESIZE_POLICIES = ("crop", "pad", "stretch")
 # FFmpeg's own assumption for streams that declare no frame rate.
 FALLBACK_FPS = 25.0
+# Frame rates a video is read at or written with (a source, a resampling rate, an output rate).
+MIN_FPS, MAX_FPS = 0.1, 1000.0
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Slack for float comparisons of times, on top of half the stream's time base.
 _TIME_EPS = 1e-6
 _CODECS = {"h264": ("mp4", "libx264"), "vp9": ("webm", "libvpx-vp9")}
@@ -72,15 +83,27 @@ class MediaTooLarge(MediaError):
     http_status = 413
 
 
+class TooManyFrames(MediaTooLarge):
+    """A request yields more than its `frame_limit`: `frames` is the header's count, or None when
+    the limit was crossed while decoding (a header that lies or does not tell)."""
+
+    def __init__(self, frames: int | None, limit: int) -> None:
+        said = f"{frames} frames according to its header" if frames is not None else "more frames than its header says"
+        super().__init__(f"the request yields {said}, over the limit of {limit}")
+        self.frames, self.limit = frames, limit
+
+
 @dataclass(frozen=True)
 class MediaLimits:
-    """Bounds on what is decoded: frame size, pixels per frame, duration and decoded frame count."""
+    """Bounds on what is decoded: frame size, pixels per frame, duration, decoded frame count and
+    the streams of the file (FFmpeg probes each stream when it opens a file)."""
 
     max_width: int = 4096
     max_height: int = 4096
     max_pixels: int = 4096 * 2304
     max_duration_s: float = 600.0
     max_frames: int = 20000
+    max_streams: int = 8
 
 
 @dataclass(frozen=True)
@@ -160,6 +183,13 @@ def probe(source: Source, limits: MediaLimits = MediaLimits()) -> VideoInfo:
         return info
 
 
+def check_fps(fps: float, what: str) -> float:
+    """`fps` if it lies in [MIN_FPS, MAX_FPS], else ValueError naming `what`."""
+    if not MIN_FPS <= fps <= MAX_FPS:  # NaN fails too
+        raise ValueError(f"{what} is {fps:g} fps; frame rates from {MIN_FPS:g} to {MAX_FPS:g} are supported")
+    return fps
+
+
 def _head(source: Source, n: int = 512) -> bytes:
     """The first `n` bytes of `source`; a file object is rewound to its start afterwards."""
     if isinstance(source, (str, os.PathLike)):
@@ -182,13 +212,18 @@ def _looks_like_container(head: bytes) -> bool:
     )
 
 
-def _open_container(source: Source) -> av.container.InputContainer:
-    """av.open with FFmpeg's errors mapped to `MediaError`s."""
+def _open_container(source: Source, limits: MediaLimits) -> av.container.InputContainer:
+    """av.open with FFmpeg's errors mapped to `MediaError`s. FFmpeg creates at most one stream
+    more than `limits.max_streams` (so that a file with too many is told apart, unprobed)."""
     head = _head(source)
     if not head:
         raise CorruptMedia("the file is empty (0 bytes); the upload or copy was probably interrupted")
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":  # FFmpeg refuses huge images as "invalid data"
+        width, height = struct.unpack(">II", head[16:24])
+        _check_size(width, height, limits, "the PNG header says its")
     try:
-        return av.open(source, mode="r")
+        return av.open(source, mode="r", container_options={"max_streams": str(limits.max_streams + 1)},
+                       metadata_errors="replace")
     except av.error.FFmpegError as e:
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):  # not a media problem
             raise
@@ -245,15 +280,22 @@ def _check_header(info: VideoInfo, limits: MediaLimits) -> None:
 def _opened(source: Source, limits: MediaLimits):
     """Open `source`, pick its first video stream and check the header: yields (container,
     stream, info) and closes the container afterwards."""
-    container = _open_container(source)
+    container = _open_container(source, limits)
     try:
+        if len(container.streams) > limits.max_streams:
+            raise MediaTooLarge(f"the file holds more than {limits.max_streams} streams (video, audio, subtitles, ...), "
+                                f"over the limit of {limits.max_streams}; keep only the video (e.g. ffmpeg -map 0:v:0)")
         if not container.streams.video:
+            if any(stream.type not in ("audio", "subtitle", "attachment") for stream in container.streams):
+                raise CorruptMedia("the container lists a stream that is not a readable video: the video stream "
+                                   "is damaged; re-export or re-upload the file")
             if container.streams.audio:
                 raise UnsupportedMedia("the file has only audio; upload a file that contains video")
             raise CorruptMedia("the file has no readable video stream: a truncated or damaged file?")
         stream = container.streams.video[0]
         if stream.codec_context is None or not stream.codec_context.name:
-            raise UnsupportedMedia("the video codec is unknown to FFmpeg; re-encode it as H.264")
+            raise UnsupportedMedia("the video codec is unknown to FFmpeg (a damaged video stream, or a codec this "
+                                   "build cannot decode); re-encode it as H.264")
         info = _stream_info(container, stream)
         _check_header(info, limits)
         yield container, stream, info
@@ -391,16 +433,17 @@ def _check_request(size, resize, fps, start_s, end_s, max_frames) -> None:
         raise ValueError(f"size must be (height, width) with positive entries, got {size!r}")
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
-    if fps is not None and not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if fps is not None:
+        check_fps(fps, "the requested rate")
     if start_s < 0 or (end_s is not None and end_s <= start_s):
         raise ValueError(f"need 0 <= start_s < end_s, got start_s={start_s!r}, end_s={end_s!r}")
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"max_frames must be >= 0, got {max_frames!r}")
 
 
-def _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames) -> Iterator[np.ndarray]:
-    """The selected frames of an opened stream as RGB uint8 `[H, W, 3]` arrays (see iter_frames)."""
+def _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames,
+            frame_limit=None, check_stop=None) -> Iterator[np.ndarray]:
+    """The selected frames of an opened stream as RGB uint8 `[H, W, 3]` arrays (see read_frames)."""
     period = 1.0 / (info.fps or FALLBACK_FPS)
     end = math.inf if end_s is None else end_s
     # Seek one source frame early so that the frame nearest to the first grid time is decoded.
@@ -418,6 +461,10 @@ def _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_fr
             raise MediaTooLarge(
                 f"the request yields more than {limits.max_frames} frames; ask for a lower fps or a shorter range"
             )
+        if frame_limit is not None and count >= frame_limit:
+            raise TooManyFrames(None, frame_limit)
+        if check_stop is not None:
+            check_stop()
         yield scaler(frame)
 
 
@@ -430,17 +477,19 @@ def iter_frames(
     start_s: float = 0.0,
     end_s: float | None = None,
     max_frames: int | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode `source` one RGB uint8 `[H, W, 3]` frame at a time; arguments as in `read_frames`.
     Arguments are checked at the call; the file is opened at the first frame and stays open until
     the generator is exhausted or closed."""
     _check_request(size, resize, fps, start_s, end_s, max_frames)
-    return _iter_frames(source, limits, _Scaler(size, resize), fps, start_s, end_s, max_frames)
+    return _iter_frames(source, limits, _Scaler(size, resize), fps, start_s, end_s, max_frames, check_stop)
 
 
-def _iter_frames(source, limits, scaler, fps, start_s, end_s, max_frames) -> Iterator[np.ndarray]:
+def _iter_frames(source, limits, scaler, fps, start_s, end_s, max_frames, check_stop) -> Iterator[np.ndarray]:
     with _opened(source, limits) as (container, stream, info):
-        yield from _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames)
+        yield from _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames,
+                           check_stop=check_stop)
 
 
 def read_frames(
@@ -452,6 +501,8 @@ def read_frames(
     start_s: float = 0.0,
     end_s: float | None = None,
     max_frames: int | None = None,
+    frame_limit: int | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, VideoInfo, Geometry]:
     """Decode `source` (a path or a seekable binary file) to RGB uint8 `[T, H, W, 3]`.
 
@@ -460,6 +511,9 @@ def read_frames(
     fps: resample to this rate by timestamp (nearest frame); None keeps the source frames.
     start_s, end_s: the time range [start_s, end_s) in seconds (seeks when start_s > 0).
     max_frames: stop after this many output frames.
+    frame_limit: refuse (`TooManyFrames`) a request that yields more output frames: from the
+        header's frame count before anything is decoded, else at the frame that crosses it.
+    check_stop: called before each output frame; what it raises ends the decoding.
 
     Returns the frames, the header's `VideoInfo` and the `Geometry` applied to the first frame.
     T may be 0 when the range lies past the end. Raises `UnsupportedMedia`, `CorruptMedia` or
@@ -468,12 +522,25 @@ def read_frames(
     _check_request(size, resize, fps, start_s, end_s, max_frames)
     scaler = _Scaler(size, resize)
     with _opened(source, limits) as (container, stream, info):
+        if frame_limit is not None and (declared := _declared_count(info, fps, start_s, end_s)) > frame_limit:
+            raise TooManyFrames(declared, frame_limit)
         expected = _expected_count(info, fps, start_s, end_s, max_frames, limits)
-        frames = _collect(_frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames), expected)
+        frames = _collect(_frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames,
+                                  frame_limit, check_stop), expected)
     if frames is None:  # nothing in the range: describe what a frame would have become
         geometry = plan_geometry((info.height, info.width), size, resize)
         return np.empty((0, *geometry.output, 3), np.uint8), info, geometry
     return frames, info, scaler.geometry
+
+
+def _declared_count(info: VideoInfo, fps: float | None, start_s: float, end_s: float | None) -> int:
+    """The output frames the header promises for a request (0 when it does not tell): the
+    header's frame count for the whole video at its own rate, else the range's duration x rate."""
+    if start_s == 0 and end_s is None and info.frames_at(fps):
+        return info.frames_at(fps)
+    rate = fps or info.fps
+    end = info.duration_s if end_s is None else min(end_s, info.duration_s)
+    return max(math.floor((end - start_s) * rate + 1e-6), 0) if rate > 0 and info.duration_s > 0 else 0
 
 
 def _expected_count(info, fps, start_s, end_s, max_frames, limits) -> int:
@@ -506,50 +573,61 @@ def _collect(frames: Iterator[np.ndarray], expected: int) -> np.ndarray | None:
 # Encoding
 
 
-def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str = "h264") -> None:
-    """Encode RGB uint8 `[T, H, W, 3]` frames at `fps` as MP4/H.264 (`codec="h264"`, libx264,
-    yuv420p, CRF 18) or WebM/VP9 (`codec="vp9"`, libvpx-vp9, yuv420p, CRF 32).
+def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str = "h264",
+                check_stop: Callable[[], None] | None = None) -> None:
+    """Encode RGB uint8 `[T, H, W, 3]` frames at `fps` (in [MIN_FPS, MAX_FPS]) as MP4/H.264
+    (`codec="h264"`, libx264, yuv420p, CRF 18) or WebM/VP9 (`codec="vp9"`, libvpx-vp9, yuv420p,
+    CRF 32). The same frames give the same bytes (the muxers write no random ids nor versions).
 
     H.264 in yuv420p needs even sizes: an odd height or width is padded by repeating the last row
-    or column, so the decoded video is one pixel larger there. An MP4 written to a path has its
-    index at the front (faststart) for progressive playback; to a file object it is at the end.
+    or column, so the decoded video is one pixel larger there (VP9 keeps odd sizes). An MP4 written
+    to a path has its index at the front (faststart) for progressive playback; to a file object it
+    is at the end. `check_stop` is called before each frame.
     """
     if codec not in _CODECS:
         raise ValueError(f"codec must be one of {tuple(_CODECS)}, got {codec!r}")
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be uint8 [T>0, H, W, 3], got {frames.dtype} {frames.shape}")
-    if not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    check_fps(fps, "the output rate")
     container_format, encoder = _CODECS[codec]
     if codec == "h264" and (frames.shape[1] % 2 or frames.shape[2] % 2):
         frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
     is_path = isinstance(path_or_file, (str, os.PathLike))
-    options = {"movflags": "faststart"} if codec == "h264" and is_path else {}
+    options = {"fflags": "+bitexact", **({"movflags": "faststart"} if codec == "h264" and is_path else {})}
     encoder_options = {"crf": "18"} if codec == "h264" else {"crf": "32", "b": "0", "deadline": "good", "cpu-used": "4"}
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(path_or_file, mode="w", format=container_format, options=options) as container:
         stream = container.add_stream(encoder, rate=rate, options=encoder_options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for image in frames:
+            if check_stop is not None:
+                check_stop()
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
 
 
-def restore_source_size(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Undo `geometry` on output frames: uint8 `[T, H, W, 3]` -> `[T, source H, source W, 3]`.
-
-    Padding is removed and the picture scaled back to the source size. A crop cannot be undone
-    (the border it removed is gone): ValueError.
-    """
+def check_restorable(geometry: Geometry) -> None:
+    """ValueError when `geometry` cannot be undone: a crop (the border it removed is gone)."""
     if tuple(geometry.crop) != (0, 0, *geometry.scaled):
         raise ValueError("these frames were cropped from the source (resize=crop): the border is gone, so the "
                          "source size cannot be restored; encode with resize=pad or resize=stretch to keep it")
+
+
+def restore_source_size(frames: np.ndarray, geometry: Geometry, check_stop: Callable[[], None] | None = None) -> np.ndarray:
+    """Undo `geometry` on output frames: uint8 `[T, H, W, 3]` -> `[T, source H, source W, 3]`.
+
+    Padding is removed and the picture scaled back to the source size (see `check_restorable`).
+    `check_stop` is called before each frame.
+    """
+    check_restorable(geometry)
     top, left, height, width = geometry.pad
     source_h, source_w = geometry.source
     reformatter = VideoReformatter()
     restored = np.empty((len(frames), source_h, source_w, 3), dtype=np.uint8)
     for i, frame in enumerate(frames[:, top : top + height, left : left + width]):
+        if check_stop is not None:
+            check_stop()
         picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         restored[i] = reformatter.reformat(picture, width=source_w, height=source_h, format="rgb24",
                                            interpolation=Interpolation.BICUBIC).to_ndarray()

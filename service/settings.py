@@ -37,8 +37,16 @@ class Settings(BaseSettings):
     batch_max_frames: int = Field(512, ge=1)
     batch_wait_ms: float = Field(10.0, ge=0)
     max_queue: int = Field(32, ge=1, description="requests waiting or running; more get 503")
-    request_timeout_s: float = Field(300.0, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0, description="from the end of the request body to the answer: "
+                                     "media decoding, the model and media encoding (504 past it)")
     drain_timeout_s: float = Field(30.0, ge=0)
+
+    # Slow clients. A request's headers must arrive within `header_timeout_s` of the connection
+    # opening (or of the first byte of a later request on it), its body within `body_timeout_s` of
+    # the headers and, after the first seconds, at `body_min_rate` bytes/s on average (408 otherwise).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
+    body_min_rate: int = Field(64 * 1024, ge=1, description="bytes/s")
 
     # Input limits.
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -47,6 +55,9 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(600.0, gt=0)
     max_frames: int = Field(20000, ge=1)
     max_clips: int = Field(64, ge=1, description="clips per encode or decode request")
+    max_streams: int = Field(8, ge=1, description="streams (video, audio, subtitles, ...) in an uploaded file")
+    max_decode_pixels: int = Field(1 << 28, ge=1, description="frames x height x width of one /v1/decode answer "
+                                   "(restore_size included): 268M, about 800 MB of RGB")
 
     # Generation jobs (POST /v1/generate). The generator: a .safetensors path, empty for the
     # bundled one, or "none"; without one (or when the file is missing) the server runs and
@@ -85,6 +96,6 @@ class Settings(BaseSettings):
     def media_limits(self) -> MediaLimits:
         return MediaLimits(
             max_width=self.max_width, max_height=self.max_height, max_pixels=self.max_width * self.max_height,
-            max_duration_s=self.max_duration_s, max_frames=self.max_frames,
+            max_duration_s=self.max_duration_s, max_frames=self.max_frames, max_streams=self.max_streams,
         )
 

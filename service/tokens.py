@@ -1,19 +1,26 @@
 """Token files: the triplanes of a video's clips, serialised as safetensors, .npz or JSON.
 
 Every format carries the three planes with a leading clip axis, `xy [K, Rxy, Rxy, C]`,
-`yt [K, Rt, Rxy, C]`, `xt [K, Rt, Rxy, C]`, and string metadata (model id, weights hash, frames per
-clip, valid frames of each clip, source fps and size, ...): in the safetensors header, as a
-`__metadata__` JSON string entry of the .npz, or as a `metadata` object in JSON.
+`yt [K, Rt, Rxy, C]`, `xt [K, Rt, Rxy, C]`, and metadata (model id, weights hash, frames per clip,
+valid frames of each clip, source fps and size, ...): in the safetensors header (strings, values
+that are lists or objects JSON-encoded, as safetensors requires), as a `__metadata__` JSON string
+entry of the .npz, or as a `metadata` object in JSON. In the .npz and JSON files values are plain
+JSON (`"n_frames": [41]`); files that hold them as JSON-encoded strings (`"n_frames": "[41]"`, as
+older servers wrote) read the same. In Python, `Tokens.metadata` holds strings, as in safetensors.
+
+The same tokens give the same bytes in every format and process.
 
 Nothing from the network reaches the model unchecked: `parse` bounds the declared sizes before
-anything is allocated, and checks the format, dtypes, shapes against the serving model, finiteness
-and (when the file names one) the model's identity. Every failure is a `TokenError` whose message
-says what was expected.
+anything is allocated or decompressed (every .npz member's declared and decompressed size, the
+JSON value count, the safetensors header), and checks the format, dtypes, shapes against the
+serving model, finiteness and (when the file names one) the model's identity. Every failure is a
+`TokenError` whose message says what was expected.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -21,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from model.config import CoordTokConfig
 from model.triplane import PLANES, Triplane
@@ -33,6 +39,10 @@ FORMATS = {
 }
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _NPZ_METADATA = "__metadata__"
+_MAX_METADATA_BYTES = 1 << 20  # the safetensors header, the .npz metadata member, JSON metadata
+_MAX_NPZ_MEMBERS = 16  # a token .npz holds 4
+_NPY_HEADER_BYTES = 1 << 16  # room for an .npy header in a member's size bound
+_NPZ_COMPRESSIONS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}  # numpy.savez, savez_compressed
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -70,15 +80,49 @@ def largest_file_bytes(config: CoordTokConfig, max_clips: int) -> int:
 def serialise(tokens: Tokens, fmt: str) -> bytes:
     """Tokens -> bytes in `fmt` (safetensors, npz or json); planes are written as float32."""
     planes = {name: plane.detach().float().cpu().contiguous() for name, plane in zip(PLANES, tokens.triplane.planes())}
+    metadata = dict(sorted(tokens.metadata.items()))
     if fmt == "safetensors":
-        return save_safetensors(planes, metadata=tokens.metadata)
+        return _write_safetensors(planes, metadata)
+    plain = {key: _plain_value(value) for key, value in metadata.items()}
     if fmt == "npz":
         buffer = io.BytesIO()
-        np.savez(buffer, **{k: v.numpy() for k, v in planes.items()}, **{_NPZ_METADATA: np.array(json.dumps(tokens.metadata))})
+        np.savez(buffer, **{k: v.numpy() for k, v in planes.items()}, **{_NPZ_METADATA: np.array(json.dumps(plain))})
         return buffer.getvalue()
     if fmt == "json":
-        return json.dumps({"metadata": tokens.metadata, **{k: v.tolist() for k, v in planes.items()}}).encode()
+        return json.dumps({"metadata": plain, **{k: v.tolist() for k, v in planes.items()}}).encode()
     raise ValueError(f"unknown token format {fmt!r}; choose one of {sorted(FORMATS)}")
+
+
+def _write_safetensors(planes: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of float32 `planes` whose header lists its keys in a fixed order (the
+    library's writer orders the metadata by a per-process hash, so its bytes varied)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    data, offset = [], 0
+    for name, plane in sorted(planes.items()):
+        raw = plane.numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(plane.shape), "data_offsets": [offset, offset + len(raw)]}
+        data.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(text)) + text + b"".join(data)
+
+
+def _plain_value(text: str):
+    """A metadata string as the JSON value it encodes ("[41]" -> [41], "8" -> 8), when it encodes
+    one exactly (the value reads back as the same string); other strings stay strings."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    return value if not isinstance(value, str) and json.dumps(value) == text else text
+
+
+def _metadata_strings(metadata: dict, what: str) -> dict[str, str]:
+    """Metadata as read from a file -> strings: plain JSON values JSON-encoded, strings kept."""
+    if not isinstance(metadata, dict):
+        raise TokenError(f"{what} must be a JSON object")
+    return {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
 
 
 def parse(data: bytes, fmt: str, config: CoordTokConfig | None, max_clips: int, model_id: str | None = None) -> Tokens:
@@ -126,7 +170,7 @@ def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch
     if len(data) < 8:
         raise TokenError("not a safetensors file: shorter than its 8-byte header length")
     (header_length,) = struct.unpack("<Q", data[:8])
-    if header_length > min(len(data) - 8, 1 << 20):
+    if header_length > min(len(data) - 8, _MAX_METADATA_BYTES):
         raise TokenError("not a safetensors file: its header length is out of range (truncated or another format)")
     header = _json(data[8 : 8 + header_length], "the safetensors header")
     if not isinstance(header, dict):
@@ -149,34 +193,77 @@ def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch
     return {name: tensors[name].float() for name in PLANES}, {str(k): str(v) for k, v in metadata.items()}
 
 
+def _check_zip_directory(data: bytes) -> None:
+    """Refuse an archive whose central directory lists more members than a token file has
+    before zipfile reads it (zipfile builds an object per listed member)."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 0xFFFF))
+    if end < 0 or end + 22 > len(data):
+        raise TokenError("not a valid .npz token file: it has no zip end-of-directory record (truncated?)")
+    (members,) = struct.unpack("<H", data[end + 10 : end + 12])
+    zip64 = end >= 20 and data[end - 20 : end - 16] == b"PK\x06\x07"
+    if members > _MAX_NPZ_MEMBERS or zip64:
+        raise TokenError(f"the .npz lists {'a zip64 directory of' if zip64 else members} members; a token file holds "
+                         f"{len(PLANES) + 1} (the planes and {_NPZ_METADATA}); save it with numpy.savez")
+
+
+def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int, check_header) -> np.ndarray:
+    """One .npy member, refused before it is read when it is compressed with another method than
+    numpy writes or declares more than `max_bytes`, and read no further than that (a member
+    that inflates past its declared size is refused); `check_header(shape, dtype)` sees the .npy
+    header before the data is read."""
+    name = info.filename
+    if info.compress_type not in _NPZ_COMPRESSIONS:
+        raise TokenError(f"member {name!r} is compressed with zip method {info.compress_type}; token files are "
+                         f"stored or deflated ({', '.join(_NPZ_COMPRESSIONS.values())}: numpy.savez or savez_compressed)")
+    if info.file_size > max_bytes:
+        raise TokenError(f"member {name!r} declares {info.file_size} bytes; at most {max_bytes} are accepted for it")
+    with archive.open(info) as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise TokenError(f"member {name!r} inflates past {max_bytes} bytes")
+    buffer = io.BytesIO(raw)
+    read_header = _NPY_HEADERS.get(np.lib.format.read_magic(buffer))
+    if read_header is None:
+        raise TokenError(f"member {name!r}: unsupported .npy format version; save with numpy.savez")
+    shape, _, dtype = read_header(buffer)
+    check_header(shape, dtype)
+    buffer.seek(0)
+    return np.lib.format.read_array(buffer, allow_pickle=False)
+
+
 def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_zip_directory(data)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
         _require_planes(set(members))
         planes = {}
         for name in PLANES:
-            with archive.open(members[name]) as f:
-                read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
-                if read_header is None:
-                    raise TokenError(f"plane {name!r}: unsupported .npy format version; save with numpy.savez")
-                shape, _, dtype = read_header(f)
-                if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-                    raise TokenError(f"plane {name!r} has dtype {dtype}; send float16, float32 or float64")
-                _check_declared(name, shape, expected, max_clips)
-            with archive.open(members[name]) as f:
-                planes[name] = torch.from_numpy(np.lib.format.read_array(f, allow_pickle=False).astype(np.float32))
+            # float64 at most; without a config (a client reading an answer) the body bounds it.
+            values = max_clips * math.prod(expected[name]) if name in expected else len(data)
+            planes[name] = torch.from_numpy(_read_npy(
+                archive, members[name], 8 * values + _NPY_HEADER_BYTES, lambda shape, dtype, name=name:
+                _check_plane_header(name, shape, dtype, expected, max_clips)).astype(np.float32))
         metadata = {}
         if _NPZ_METADATA in members:
-            with archive.open(members[_NPZ_METADATA]) as f:
-                metadata = _json(str(np.lib.format.read_array(f, allow_pickle=False)), "the .npz metadata")
-            if not isinstance(metadata, dict):
-                raise TokenError("the .npz metadata must be a JSON object of strings")
+            text = _read_npy(archive, members[_NPZ_METADATA], 4 * _MAX_METADATA_BYTES + _NPY_HEADER_BYTES, _check_metadata_header)
+            metadata = _json(str(text), "the .npz metadata")
     except TokenError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as error:
         raise TokenError(f"not a valid .npz token file: {error}") from None
-    return planes, {str(k): str(v) for k, v in metadata.items()}
+    return planes, _metadata_strings(metadata, "the .npz metadata")
+
+
+def _check_plane_header(name: str, shape: tuple[int, ...], dtype: np.dtype, expected, max_clips: int) -> None:
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise TokenError(f"plane {name!r} has dtype {dtype}; send float16, float32 or float64")
+    _check_declared(name, shape, expected, max_clips)
+
+
+def _check_metadata_header(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if shape != () or dtype.kind != "U":
+        raise TokenError(f"the .npz metadata must be one string (a 0-d str array), got {dtype} of shape {list(shape)}")
 
 
 def _json(text: bytes | str, what: str):
@@ -188,6 +275,11 @@ def _json(text: bytes | str, what: str):
 
 
 def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if expected:  # every value but the last is followed by a comma: bound the values before parsing
+        values = max_clips * sum(math.prod(shape) for shape in expected.values()) + _MAX_METADATA_BYTES // 8
+        if data.count(b",") > values:
+            raise TokenError(f"the JSON token file holds more than {values} values; {max_clips} clips of this "
+                             "model need fewer")
     document = _json(data, "the JSON token file")
     if not isinstance(document, dict):
         raise TokenError('a JSON token file is an object {"xy": [...], "yt": [...], "xt": [...], "metadata": {...}}')
@@ -200,7 +292,4 @@ def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor
             raise TokenError(f"plane {name!r} is not a nested list of numbers of one shape") from None
         _check_declared(name, array.shape, expected, max_clips)
         planes[name] = torch.from_numpy(array)
-    metadata = document.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise TokenError("metadata must be a JSON object of strings")
-    return planes, {str(k): str(v) for k, v in metadata.items()}
+    return planes, _metadata_strings(document.get("metadata") or {}, "metadata")
