@@ -5,13 +5,14 @@
 encode: upload (bounded, spooled to disk) -> media.read_frames off the event loop -> clips of the
 model's frame count (the last padded, its frame count kept) -> engine -> token file.
 decode: token file (bounded, validated) -> engine (only the requested frames) -> mp4 / webm / npy.
+A request takes its place in the engine's queue once its body has arrived (a slow body holds none);
+its media work runs under the request's deadline and stops when its client goes away.
 generate: a job row (service/jobs.py) -> the generation lane samples, decodes through the engine,
 writes result files -> GET /v1/jobs/{id} and its results.
 """
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import importlib.metadata
 import io
@@ -19,11 +20,10 @@ import json
 import logging
 import math
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +38,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Router
 
 from model import CoordTok, PRESETS, load_model
 from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from model.triplane import split_clips
-from service import jobs, media, tokens
-from service.engine import BatchStats, Engine, EngineError, NotReady
+from service import jobs, media, tokens, uploads
+from service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -211,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.exception_handler(media.MediaError)
+    @app.exception_handler(uploads.UploadError)
     @app.exception_handler(tokens.TokenError)
     @app.exception_handler(EngineError)
     @app.exception_handler(RequestError)
@@ -229,9 +231,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        """Starlette's own refusals (unknown route 404, method 405, malformed multipart 400) in the same shape."""
+        """Starlette's own refusals (unknown route 404, method 405) in the same shape. A 405's
+        `Allow` names the methods of every route of the path (Starlette's, only the first's)."""
+        headers = error.headers
+        if error.status_code == 405:
+            allowed = {method for route in app.router.routes if route.matches(request.scope)[0] is Match.PARTIAL
+                       for method in getattr(route, "methods", None) or ()}
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return JSONResponse({"error": {"type": "HTTPError", "message": str(error.detail)}}, error.status_code,
-                            headers=error.headers)
+                            headers=headers)
 
     def body_limit(path: str) -> int:
         if path == "/v1/encode":
@@ -244,8 +252,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Outermost last: CORS (a browser's preflight carries no key), then authentication and
     # observation, then the body limit, which applies whoever reads the body.
-    app.add_middleware(BodyLimitMiddleware, limit_of=body_limit)
-    app.add_middleware(ObserveMiddleware, metrics=metrics, keys=[k.get_secret_value().encode() for k in settings.api_keys])
+    app.add_middleware(BodyLimitMiddleware, limit_of=body_limit, timeout_s=settings.body_timeout_s,
+                       min_rate=settings.body_min_rate)
+    app.add_middleware(ObserveMiddleware, metrics=metrics, keys=[k.get_secret_value().encode() for k in settings.api_keys],
+                       router=app.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Accept", "Idempotency-Key", "X-Request-ID"],
@@ -293,7 +303,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def encode(
         request: Request,
         resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
-        fps: float | None = Query(None, gt=0, le=240, allow_inf_nan=False),
+        fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
+                                  description="resample to this rate (default: the source's)"),
         start: float = Query(0.0, ge=0, allow_inf_nan=False, description="seconds"),
         end: float | None = Query(None, gt=0, allow_inf_nan=False, description="seconds"),
         format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
@@ -302,15 +313,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
         if end is not None and end <= start:
             raise RequestError(f"end ({end:g} s) must come after start ({start:g} s)")
-        with engine.admit():
-            upload = await receive_upload(request, settings)
+        upload = (await uploads.save_upload(request, settings.upload_dir)).path  # before taking a place
+        clock = RequestClock(settings.request_timeout_s)
+        with removed_afterwards(upload), engine.admit():
             metrics.body_bytes.labels("/v1/encode").observe(upload.stat().st_size)
             try:
                 began = time.perf_counter()
-                frames, info, geometry = await run_in_threadpool(
-                    media.read_frames, upload, settings.media_limits(), (config.height, config.width),
-                    resize, fps, start, end)
+                frames, info, geometry = await clock.run(
+                    request, metrics, "/v1/encode", media.read_frames, upload, settings.media_limits(),
+                    (config.height, config.width), resize, fps, start, end, frame_limit=settings.max_clips * config.frames)
                 metrics.phase.labels("/v1/encode", "media_decode").observe(time.perf_counter() - began)
+            except media.TooManyFrames as error:
+                raise RequestError(_too_many_clips(error, config.frames, settings.max_clips), 413) from None
             finally:
                 upload.unlink(missing_ok=True)
             if len(frames) == 0:
@@ -327,7 +341,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             meta = {
                 "model_id": state.model_id, "weights_sha256": state.sha256,
                 "frames_per_clip": str(config.frames), "n_frames": json.dumps(n_frames.tolist()),
-                "source_fps": f"{info.fps:g}", "fps": f"{fps or info.fps:g}",
+                "source_fps": f"{info.fps:g}", "fps": f"{fps or info.fps or media.FALLBACK_FPS:g}",
                 "source_size": json.dumps([info.height, info.width]),
                 "geometry": json.dumps({"policy": geometry.policy, "scaled": geometry.scaled,
                                         "crop": geometry.crop, "pad": geometry.pad}),
@@ -340,22 +354,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request,
         start: int = Query(0, ge=0, description="first frame"),
         end: int | None = Query(None, gt=0, description="frame after the last"),
-        fps: float | None = Query(None, gt=0, le=240, allow_inf_nan=False),
+        fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
+                                  description="frame rate of the answer (default: the tokens' metadata 'fps')"),
         format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
         restore_size: bool = Query(False, description="scale back to the source size (resize=pad or stretch)"),
     ) -> Response:
         engine, config = state.engine, state.config
         out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
+        upload = await uploads.read_upload(request)  # before taking a place; bounded by BodyLimitMiddleware
+        clock = RequestClock(settings.request_timeout_s)
         with engine.admit():
-            body = await request.body()  # bounded by BodyLimitMiddleware
-            metrics.body_bytes.labels("/v1/decode").observe(len(body))
-            fmt = _token_format(request.headers.get("content-type", ""))
-            parsed = await run_in_threadpool(tokens.parse, body, fmt, config, settings.max_clips, state.model_id)
+            metrics.body_bytes.labels("/v1/decode").observe(len(upload.data))
+            fmt = _token_format(upload)
+            parsed = await run_in_threadpool(tokens.parse, upload.data, fmt, config, settings.max_clips, state.model_id)
             lengths = _clip_lengths(parsed, config.frames)
             total = sum(lengths)
             stop = total if end is None else end
             if not start < stop <= total:
                 raise RequestError(f"the frame range [{start}, {stop}) must lie within the {total} frames of these tokens")
+            # Everything the metadata alone can refuse is refused before any work.
+            rate = fps or _metadata_fps(parsed)
+            geometry = _restorable_geometry(parsed, config, settings.media_limits()) if restore_size else None
+            height, width = geometry.source if geometry else (config.height, config.width)
+            if (stop - start) * height * width > settings.max_decode_pixels:
+                raise RequestError(f"the answer would be {stop - start} frames of {height}x{width}, "
+                                   f"{(stop - start) * height * width:,} pixels, over this server's limit of "
+                                   f"{settings.max_decode_pixels:,}: ask for fewer frames (start/end)"
+                                   f"{' or without restore_size' if geometry else ''}", 413)
             metrics.input_frames.labels("/v1/decode").inc(stop - start)
             began = time.perf_counter()
             pieces = await unless_disconnected(request, asyncio.gather(*(
@@ -364,15 +389,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.phase.labels("/v1/decode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("decode").inc(config.tokens * len(pieces))
             video = torch.cat([p[0] for p in pieces]).numpy()
-            if restore_size:
-                try:
-                    video = await run_in_threadpool(media.restore_source_size, video,
-                                                    _geometry(parsed, config, settings.media_limits()))
-                except ValueError as error:
-                    raise RequestError(str(error)) from None
-            rate = fps or _metadata_fps(parsed)
+            if geometry is not None:
+                video = await clock.run(request, metrics, "/v1/decode", media.restore_source_size, video, geometry)
             began = time.perf_counter()
-            payload = await run_in_threadpool(encode_video, video, rate, out)
+            payload = await clock.run(request, metrics, "/v1/decode", encode_video, video, rate, out)
             metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
         return Response(payload, media_type=VIDEO_TYPES[out])
 
@@ -445,8 +465,8 @@ class ObserveMiddleware:
     """Authenticate, give each request an id (echoed in `X-Request-ID`), count it and log it
     (never the key). Plain ASGI, so that routes still see the client's disconnect."""
 
-    def __init__(self, app, metrics: Metrics, keys: list[bytes]) -> None:
-        self.app, self.metrics, self.keys = app, metrics, keys
+    def __init__(self, app, metrics: Metrics, keys: list[bytes], router: Router) -> None:
+        self.app, self.metrics, self.keys, self.router = app, metrics, keys, router
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -474,8 +494,10 @@ class ObserveMiddleware:
         else:
             await self.app(scope, receive, send_with_id)
         seconds = time.perf_counter() - started
-        if route.startswith("/v1/"):
-            template = getattr(scope.get("route"), "path", route)  # /v1/jobs/{job_id}: one label for every job
+        # Labelled by route template (/v1/jobs/{job_id}: one label for every job), never by the raw
+        # path: refused and unknown paths would grow /metrics without bound.
+        template = route_template(self.router, scope)
+        if template.startswith("/v1/") or template == UNMATCHED:
             self.metrics.requests.labels(template, str(status)).inc()
             self.metrics.duration.labels(template).observe(seconds)
             if status >= 400:  # the reason: the error type a handler recorded, else the status
@@ -485,13 +507,47 @@ class ObserveMiddleware:
                                    "status": status, "seconds": round(seconds, 4)})
 
 
+UNMATCHED = "unmatched"  # the metrics' route label of a path no route matches
+
+
+def route_template(router: Router, scope) -> str:
+    """The path template of the route `scope` matches (its path, whatever the method), else UNMATCHED."""
+    return next((route.path for route in router.routes if route.matches(scope)[0] is not Match.NONE), UNMATCHED)
+
+
 class ClientGone(Exception):
     """The client disconnected while its work waited or ran."""
 
 
-async def unless_disconnected(request: Request, work, metrics: Metrics, route: str):
-    """Await `work` (engine calls), cancelling it if the client disconnects first: cancelled
-    work still queued is skipped by the engine. Counted in `coordtok_requests_cancelled`."""
+class RequestClock:
+    """The deadline of a request's work (`request_timeout_s` from the end of its body), and
+    whether its client has gone: `check` raises DeadlineExceeded or ClientGone, and media
+    functions call it before each frame (their `check_stop`)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s, self.deadline, self.gone = timeout_s, time.monotonic() + timeout_s, False
+
+    def check(self) -> None:
+        if self.gone:
+            raise ClientGone()
+        if time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g} s")
+
+    async def run(self, request: Request, metrics: Metrics, route: str, function, *args, **kwargs):
+        """`function(*args, check_stop=self.check, **kwargs)` in a worker thread; it stops at its
+        next frame when the deadline passes or the client disconnects."""
+        self.check()
+        work = run_in_threadpool(function, *args, check_stop=self.check, **kwargs)
+        return await unless_disconnected(request, work, metrics, route, on_gone=self.mark_gone)
+
+    def mark_gone(self) -> None:
+        self.gone = True
+
+
+async def unless_disconnected(request: Request, work, metrics: Metrics, route: str, on_gone: Callable[[], None] | None = None):
+    """Await `work` (engine calls, media work in a thread), cancelling it if the client
+    disconnects first: cancelled work still queued is skipped by the engine; `on_gone` tells work
+    in a thread to stop. Counted in `coordtok_requests_cancelled`."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -505,9 +561,28 @@ async def unless_disconnected(request: Request, work, metrics: Metrics, route: s
         watcher.cancel()
     if task.done():
         return task.result()
+    if on_gone is not None:
+        on_gone()
     task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # its ClientGone is expected
     metrics.cancelled.labels(route).inc()
     raise ClientGone()
+
+
+@contextmanager
+def removed_afterwards(path: Path):
+    """Remove the file at `path` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _too_many_clips(error: media.TooManyFrames, frames_per_clip: int, max_clips: int) -> str:
+    made = f"{math.ceil(error.frames / frames_per_clip)}" if error.frames is not None else f"more than {max_clips}"
+    said = "" if error.frames is not None else " (more frames than its header says)"
+    return (f"the video makes {made} clips of {frames_per_clip} frames{said}; at most {max_clips} per request: "
+            "send a shorter range (start/end) or a lower fps")
 
 
 def _authorised(header: str, keys: list[bytes]) -> bool:
@@ -551,9 +626,10 @@ def _clip_lengths(parsed: tokens.Tokens, frames_per_clip: int) -> list[int]:
     return lengths
 
 
-def _geometry(parsed: tokens.Tokens, config, limits: media.MediaLimits) -> media.Geometry:
-    """The resize the tokens' video went through, from their metadata, checked: the source size
-    (that of the restored frames) within the media limits, the kept region within the frame."""
+def _restorable_geometry(parsed: tokens.Tokens, config, limits: media.MediaLimits) -> media.Geometry:
+    """The resize the tokens' video went through, from their metadata, checked: one that can be
+    undone (not a crop), the source size (that of the restored frames) within the media limits,
+    the kept region within the frame."""
     try:
         g = json.loads(parsed.metadata["geometry"])
         geometry = media.Geometry(g["policy"], _ints(json.loads(parsed.metadata["source_size"]), 2), _ints(g["scaled"], 2),
@@ -566,6 +642,10 @@ def _geometry(parsed: tokens.Tokens, config, limits: media.MediaLimits) -> media
                            f"{limits.max_height}x{limits.max_width}")
     if not (0 <= top and 0 <= left and 1 <= h and 1 <= w and top + h <= config.height and left + w <= config.width):
         raise RequestError(f"metadata 'geometry' pad box {list(geometry.pad)} lies outside the {config.height}x{config.width} frames")
+    try:
+        media.check_restorable(geometry)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
     return geometry
 
 
@@ -578,21 +658,18 @@ def _ints(values, n: int) -> tuple[int, ...]:
 def _metadata_fps(parsed: tokens.Tokens) -> float:
     """The frame rate the tokens' metadata gives (their source's), else FALLBACK_FPS."""
     try:
-        rate = float(parsed.metadata.get("fps") or media.FALLBACK_FPS)
+        return media.check_fps(float(parsed.metadata.get("fps") or media.FALLBACK_FPS), "metadata 'fps'")
     except ValueError:
-        rate = math.nan
-    if not 0 < rate <= 1000:  # NaN fails too
-        raise tokens.TokenError(f"metadata 'fps' must be a frame rate in (0, 1000], got {parsed.metadata['fps'][:20]!r}; "
-                                "or pass the fps query parameter")
-    return rate
+        raise tokens.TokenError(f"metadata 'fps' must be a frame rate from {media.MIN_FPS:g} to {media.MAX_FPS:g}, "
+                                f"got {parsed.metadata['fps'][:20]!r}; or pass the fps query parameter") from None
 
 
-def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+def encode_video(frames: np.ndarray, fps: float, fmt: str, check_stop: Callable[[], None] | None = None) -> bytes:
     buffer = io.BytesIO()
     if fmt == "npy":
         np.save(buffer, frames, allow_pickle=False)
     else:
-        media.write_video(frames, buffer, fps, codec=_VIDEO_CODECS[fmt])
+        media.write_video(frames, buffer, fps, codec=_VIDEO_CODECS[fmt], check_stop=check_stop)
     return buffer.getvalue()
 
 
@@ -600,25 +677,42 @@ def _format_from_accept(accept: str) -> str:
     return next((fmt for fmt, mime in tokens.FORMATS.items() if mime in accept), "safetensors")
 
 
-def _token_format(content_type: str) -> str:
-    kind = content_type.split(";")[0].strip()
+def _token_format(upload: uploads.Upload) -> str:
+    """The token format of a body: by its content type (a multipart part's: by its file name's
+    extension when that type says nothing)."""
+    kind = upload.content_type.split(";")[0].strip()
     for fmt, mime in tokens.FORMATS.items():
         if kind == mime:
             return fmt
     if kind in ("application/octet-stream", ""):
-        return "safetensors"
+        return next((fmt for fmt in tokens.FORMATS if upload.filename.endswith(f".{fmt}")), "safetensors")
     raise RequestError(f"unsupported token content type {kind!r}; send one of {sorted(tokens.FORMATS.values())}", 415)
 
 
-class BodyLimitMiddleware:
-    """Bound every request body while it streams in, whoever reads it (the upload code,
-    Starlette's multipart parser, FastAPI's JSON parsing), by `limit_of(path)` bytes. A declared
-    Content-Length past the limit is refused with 413 before the app runs; a body that passes it
-    while streaming (chunked, without Content-Length) ends the read with `BodyTooLarge`, and the
-    answer is that 413 whatever the app made of the failed read."""
+class BodyTimeout(RequestError):
+    """The request body did not arrive in time (408)."""
 
-    def __init__(self, app, limit_of: Callable[[str], int]) -> None:
-        self.app, self.limit_of = app, limit_of
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 408)
+
+
+# A body's minimum rate counts from this many seconds after its headers (connection set-up, a
+# client's first read of the file).
+_BODY_RATE_GRACE_S = 5.0
+
+
+class BodyLimitMiddleware:
+    """Bound every request body while it streams in, whoever reads it (the upload code, FastAPI's
+    JSON parsing), in size by `limit_of(path)` bytes and in time: complete within `timeout_s` of
+    the headers and, from `_BODY_RATE_GRACE_S` on, arriving at `min_rate` bytes/s on average.
+
+    A declared Content-Length past the limit is refused with 413 before the app runs; a body that
+    passes it while streaming (chunked, without Content-Length) ends the read with `BodyTooLarge`,
+    one that is late with `BodyTimeout` (408), and the answer is that refusal whatever the app
+    made of the failed read. A refusal closes the connection: the rest of the body is not read."""
+
+    def __init__(self, app, limit_of: Callable[[str], int], timeout_s: float, min_rate: float) -> None:
+        self.app, self.limit_of, self.timeout_s, self.min_rate = app, limit_of, timeout_s, min_rate
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -627,73 +721,50 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             return await _refusal(BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}"))(scope, receive, send)
-        received, too_large, started, replaced = 0, None, False, False
+        arrived = time.monotonic()
+        received, more, refused, started, replaced = 0, True, None, False, False
 
         async def bounded_receive():
-            nonlocal received, too_large
-            message = await receive()
+            nonlocal received, more, refused
+            if not more:  # the body is complete: what follows is the disconnect a route may wait for
+                return await receive()
+            due = min(arrived + self.timeout_s, arrived + _BODY_RATE_GRACE_S + received / self.min_rate)
+            try:
+                message = await asyncio.wait_for(receive(), due - time.monotonic())
+            except asyncio.TimeoutError:
+                refused = BodyTimeout(
+                    f"the body did not arrive in time: {received} bytes after {time.monotonic() - arrived:.1f} s; "
+                    f"a body must arrive within {self.timeout_s:g} s, at {self.min_rate:g} bytes/s or faster")
+                raise refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if received > limit:
-                    too_large = BodyTooLarge(f"the body exceeds the limit of {limit} bytes")
-                    raise too_large
+                    refused = BodyTooLarge(f"the body exceeds the limit of {limit} bytes")
+                    raise refused
+            else:
+                more = False
             return message
 
         async def checked_send(message) -> None:
             nonlocal started, replaced
             if message["type"] == "http.response.start":
                 started = True
-                if too_large is not None and message["status"] != 413:  # e.g. FastAPI's 400 for a body it could not read
+                if refused is not None and message["status"] != refused.http_status:  # e.g. a 400 for a body it could not read
                     replaced = True
-                    return await _refusal(too_large)(scope, receive, send)
+                    return await _refusal(refused)(scope, receive, send)
             if not replaced:
                 await send(message)
 
         try:
             await self.app(scope, bounded_receive, checked_send)
         except Exception:
-            if too_large is None or started:
+            if refused is None or started:
                 raise
-            await _refusal(too_large)(scope, receive, send)
+            await _refusal(refused)(scope, receive, send)
 
 
 def _refusal(error: RequestError) -> JSONResponse:
-    return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, error.http_status)
-
-
-async def receive_upload(request: Request, settings: Settings) -> Path:
-    """Stream the uploaded video to a temporary file in `upload_dir` (raw body, or multipart field
-    `file`; bounded by BodyLimitMiddleware). The file is removed on any failure, a client that
-    went away included; otherwise the caller removes it. A full disk answers 503."""
-    handle = tempfile.NamedTemporaryFile(prefix="coordtok-", suffix=".upload", dir=settings.upload_dir, delete=False)
-    path = Path(handle.name)
-    try:
-        with handle:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                await _save_multipart_file(request, handle)
-            else:
-                async for chunk in request.stream():
-                    handle.write(chunk)
-        if path.stat().st_size == 0:
-            raise RequestError("the upload is empty: send a video file")
-    except OSError as error:
-        path.unlink(missing_ok=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise RequestError("the server has no room for the upload right now; retry later", 503) from None
-        raise
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-async def _save_multipart_file(request: Request, handle) -> None:
-    form = await request.form(max_files=1, max_fields=0)
-    try:
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise RequestError("send the video in the multipart field 'file'")
-        while chunk := await upload.read(1 << 20):
-            handle.write(chunk)
-    finally:
-        await form.close()
+    """The answer to a body refused while it arrived; the connection is closed after it."""
+    return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, error.http_status,
+                        headers={"Connection": "close"})

@@ -2,6 +2,7 @@
 import asyncio
 import shutil
 import subprocess
+import threading
 import time
 import io
 import json
@@ -233,17 +234,14 @@ def test_a_full_queue_answers_503_with_retry_after(weights):
     body = video_file(8)
 
     async def run():
-        release = asyncio.Event()
-
-        async def slow_body():  # the first request holds its place while its upload "streams"
-            yield body[:100]
-            await release.wait()
-            yield body[100:]
-
+        release = threading.Event()
         async with app.router.lifespan_context(app):
+            worker = app.state.engine.workers[0]
+            real_run = worker.run
+            worker.run = lambda batch: (release.wait(30), real_run(batch))[1]  # the first request holds its place
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                first = asyncio.ensure_future(c.post("/v1/encode", content=slow_body(), headers={"content-type": "video/mp4"}))
+                first = asyncio.ensure_future(c.post("/v1/encode", content=body, headers={"content-type": "video/mp4"}))
                 for _ in range(500):
                     await asyncio.sleep(0.01)
                     if "coordtok_queue_size 1.0" in (await c.get("/metrics")).text:

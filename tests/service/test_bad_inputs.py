@@ -120,7 +120,7 @@ def test_bad_and_unusual_videos(client, tmp_path):
                 assert response.json()["metadata"]["n_frames"] == n_frames, name  # a plain JSON list
         else:
             error = response.json()["error"]
-            assert error["message"] and error["type"] in ("CorruptMedia", "UnsupportedMedia", "MediaTooLarge", "RequestError"), name
+            assert error["message"] and error["type"] in ("CorruptMedia", "UnsupportedMedia", "MediaTooLarge", "UploadError"), name
         still_serving(client)
     # The same as a multipart upload with a misleading file name and type.
     response = client.post("/v1/encode", files={"file": ("notes.txt", good, "text/plain")})

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from service import app as app_module
+from service import uploads as uploads_module
 from service.app import create_app
 from service.jobs import GenerateRequest, JobStore
 from tests.service.test_app import video_file
@@ -209,8 +210,8 @@ def test_temporary_uploads_are_always_removed(models, tmp_path, monkeypatch):
         assert left() == []
         assert client.post("/v1/encode?start=5&end=1", content=good, headers={"content-type": "video/mp4"}).status_code == 422
 
-        real_temporary = app_module.tempfile.NamedTemporaryFile
-        monkeypatch.setattr(app_module.tempfile, "NamedTemporaryFile", lambda **kw: _FullDisk(real_temporary(**kw)))
+        real_temporary = uploads_module.tempfile.NamedTemporaryFile
+        monkeypatch.setattr(uploads_module.tempfile, "NamedTemporaryFile", lambda **kw: _FullDisk(real_temporary(**kw)))
         full = client.post("/v1/encode", content=good, headers={"content-type": "video/mp4"})
         assert full.status_code == 503 and "no room" in full.json()["error"]["message"] and full.headers["retry-after"]
         monkeypatch.undo()
