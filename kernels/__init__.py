@@ -5,13 +5,21 @@ backends with identical semantics (see :mod:`kernels.reference`):
 
 * ``reference``: pure PyTorch, any device, differentiable through autograd.
 * ``triton``: fused Triton forward/backward (:mod:`kernels.triton_triplane`).
-  Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before Triton
-  kernels were first built (this is how the CPU tests exercise it).
+  CUDA tensors run the compiled kernels; CPU tensors run the same kernels in
+  Triton's interpreter (exact but slow: this is how the tests exercise them on
+  any machine).
 
 The backend is chosen per call: the ``backend=`` keyword if given, else the
 environment variable ``COORDTOK_TRIPLANE_BACKEND`` (read at every call), else
 ``auto``. ``auto`` sends CUDA tensors to Triton (if importable) and everything
 else to the reference. Neither backend gives ``coords`` a gradient.
+
+The Triton backward adds its contributions with atomics unless a deterministic
+backward is asked for: ``deterministic=True``, or (when the keyword is not
+given) ``torch.use_deterministic_algorithms(True)`` or
+``COORDTOK_TRIPLANE_DETERMINISTIC=1``; it then reduces in a fixed order and
+gives the same bits on every run. (The reference's backward follows torch's
+own deterministic setting.)
 """
 
 from __future__ import annotations
@@ -23,14 +31,16 @@ from torch import Tensor
 
 from kernels.reference import triplane_sample_reference
 
-__all__ = ["triplane_sample", "triplane_sample_reference", "BACKEND_ENV", "BACKENDS"]
+__all__ = ["triplane_sample", "triplane_sample_reference", "BACKEND_ENV", "BACKENDS", "DETERMINISTIC_ENV"]
 
 BACKEND_ENV = "COORDTOK_TRIPLANE_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
+DETERMINISTIC_ENV = "COORDTOK_TRIPLANE_DETERMINISTIC"
 
 
 def triplane_sample(
-    xy: Tensor, yt: Tensor, xt: Tensor, coords: Tensor, *, backend: str | None = None
+    xy: Tensor, yt: Tensor, xt: Tensor, coords: Tensor, *, backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> Tensor:
     """Sample three feature planes at video coordinates.
 
@@ -41,6 +51,9 @@ def triplane_sample(
         coords: [B, N, 3] float, columns (t, x, y), each in [0, 1].
         backend: ``"auto"``, ``"triton"`` or ``"reference"``; overrides
             ``COORDTOK_TRIPLANE_BACKEND`` when given.
+        deterministic: the Triton backward's reduction order is fixed (same
+            bits every run); default: ``torch.are_deterministic_algorithms_enabled()``
+            or ``COORDTOK_TRIPLANE_DETERMINISTIC=1``.
 
     Returns:
         [B, N, 3C] in the planes' dtype: ``[xy(x, y), yt(t, y), xt(t, x)]``,
@@ -59,7 +72,16 @@ def triplane_sample(
             f"the triton backend supports planes of dtype float32, bfloat16 or float16, "
             f"got {xy.dtype}; use backend='reference' for other dtypes"
         )
-    return triton_impl.triplane_sample_triton(xy, yt, xt, coords)
+    return triton_impl.triplane_sample_triton(xy, yt, xt, coords, _resolve_deterministic(deterministic))
+
+
+def _resolve_deterministic(deterministic: bool | None) -> bool:
+    if deterministic is not None:
+        return bool(deterministic)
+    flag = os.environ.get(DETERMINISTIC_ENV, "").strip().lower()
+    if flag not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"${DETERMINISTIC_ENV} must be 0 or 1, got {flag!r}")
+    return torch.are_deterministic_algorithms_enabled() or flag in ("1", "true")
 
 
 def _resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -93,15 +115,12 @@ def _load_triton(device: torch.device):
             f"the triton backend was requested but Triton is not importable ({exc}); "
             f"install triton or set {BACKEND_ENV}=reference"
         ) from exc
-    if device.type == "cuda":
-        return triton_impl
-    if device.type == "cpu" and triton_impl.is_interpreted():
+    if device.type in ("cuda", "cpu"):
         return triton_impl
     raise RuntimeError(
-        f"the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
-        f"set before the first Triton import; got {device.type} tensors without the "
-        f"interpreter. Set {BACKEND_ENV}=reference (or backend='reference'), or set "
-        f"TRITON_INTERPRET=1 at process start"
+        f"the triton backend runs CUDA tensors (compiled) and CPU tensors (in Triton's "
+        f"interpreter), got {device.type} tensors; set {BACKEND_ENV}=reference (or "
+        f"backend='reference')"
     )
 
 

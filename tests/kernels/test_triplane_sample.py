@@ -1,12 +1,14 @@
 """Tests for triplane bilinear sampling (kernels/).
 
-Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1``, which the
-suite's ``tests/conftest.py`` sets before Triton builds any kernel; the CUDA
-tests at the end repeat the parity checks on a GPU.
+CPU tensors sent to the Triton backend run in Triton's interpreter on every
+machine (kernels/triton_triplane.py builds the kernels once for it); the CUDA
+tests at the end repeat the parity and determinism checks on a GPU.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import zlib
 from dataclasses import dataclass
@@ -15,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import BACKEND_ENV, triplane_sample, triplane_sample_reference
+import kernels.triton_triplane as triton_impl
+from kernels import BACKEND_ENV, DETERMINISTIC_ENV, triplane_sample, triplane_sample_reference
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_two_gpus = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 # Tolerances for comparing the Triton backend with the reference. fp32 differs
 # only by rounding order (atomics in backward). Half-precision outputs are fp32
@@ -97,18 +101,18 @@ def make_inputs(case: Case, seed: int, device="cpu"):
     return xy, yt, xt, coords, grad_out
 
 
-def forward_backward(backend, xy, yt, xt, coords, grad_out):
+def forward_backward(backend, xy, yt, xt, coords, grad_out, deterministic=None):
     """Output and plane gradients of one backend on leaf copies of the planes."""
     planes = [p.detach().requires_grad_(True) for p in (xy, yt, xt)]
-    out = triplane_sample(*planes, coords, backend=backend)
+    out = triplane_sample(*planes, coords, backend=backend, deterministic=deterministic)
     grads = torch.autograd.grad(out, planes, grad_out)
     return out, grads
 
 
-def assert_parity(case: Case, seed: int, device: str) -> None:
+def assert_parity(case: Case, seed: int, device: str, deterministic: bool = False) -> None:
     xy, yt, xt, coords, grad_out = make_inputs(case, seed, device)
     coords_before = coords.clone()
-    out, grads = forward_backward("triton", xy, yt, xt, coords, grad_out)
+    out, grads = forward_backward("triton", xy, yt, xt, coords, grad_out, deterministic)
     ref_out, ref_grads = forward_backward("reference", xy, yt, xt, coords, grad_out)
 
     assert torch.equal(coords, coords_before)
@@ -263,9 +267,99 @@ CPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
-def test_triton_matches_reference_cpu(case):
-    assert_parity(case, seed=case.seed(), device="cpu")
+def test_triton_matches_reference_cpu(case, deterministic):
+    assert_parity(case, seed=case.seed(), device="cpu", deterministic=deterministic)
+
+
+DETERMINISM_CASES = [
+    Case(b=2, n=1500, rx=16, ry=16, rt=32, c=8),
+    Case(b=3, n=700, rx=9, ry=13, rt=17, c=5, dtype=torch.bfloat16, strided=True),
+    Case(b=2, n=600, rx=16, ry=16, rt=32, c=8, dtype=torch.float16),
+]
+
+
+def assert_deterministic_backward(case: Case, device: str) -> None:
+    """Two deterministic backwards give the same bits, and match the reference."""
+    xy, yt, xt, coords, grad_out = make_inputs(case, case.seed(), device)
+    _, first = forward_backward("triton", xy, yt, xt, coords, grad_out, deterministic=True)
+    _, second = forward_backward("triton", xy, yt, xt, coords, grad_out, deterministic=True)
+    _, expected = forward_backward("reference", xy, yt, xt, coords, grad_out)
+    for a, b, ref in zip(first, second, expected):
+        assert a.dtype == case.dtype and torch.equal(a, b)
+        torch.testing.assert_close(a.float(), ref.float(), **TOLERANCES[case.dtype])
+
+
+@pytest.mark.parametrize("case", DETERMINISM_CASES, ids=str)
+def test_deterministic_backward_repeats_bit_for_bit_cpu(case):
+    assert_deterministic_backward(case, "cpu")
+
+
+def backward_modes(monkeypatch) -> list[bool]:
+    """Record the ``deterministic`` flag of every Triton backward run."""
+    modes, real = [], triton_impl.triplane_backward
+
+    def recording(*args):
+        modes.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(triton_impl, "triplane_backward", recording)
+    return modes
+
+
+def test_deterministic_backward_is_chosen_by_torch_keyword_or_setting(monkeypatch):
+    (xy, yt, xt), coords, _ = hand_case()
+    modes = backward_modes(monkeypatch)
+    monkeypatch.delenv(DETERMINISTIC_ENV, raising=False)
+
+    def backward(**kwargs):
+        planes = [p.detach().requires_grad_(True) for p in (xy, yt, xt)]
+        triplane_sample(*planes, coords, backend="triton", **kwargs).sum().backward()
+
+    backward()
+    backward(deterministic=True)
+    monkeypatch.setenv(DETERMINISTIC_ENV, "1")
+    backward()
+    backward(deterministic=False)
+    monkeypatch.delenv(DETERMINISTIC_ENV)
+    torch.use_deterministic_algorithms(True)
+    try:
+        backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert modes == [False, True, True, False, True]
+    monkeypatch.setenv(DETERMINISTIC_ENV, "yes please")
+    with pytest.raises(ValueError, match=DETERMINISTIC_ENV):
+        backward()
+
+
+def test_cpu_tensors_run_interpreted_and_cuda_tensors_compiled_in_one_process():
+    """The two builds of the device code, whatever TRITON_INTERPRET says."""
+    assert triton_impl.is_interpreted(triton_impl.device_code(interpreted=True))
+    assert not triton_impl.is_interpreted(triton_impl.device_code(interpreted=False))
+    assert triton_impl._kernels_for(torch.device("cpu")) is triton_impl.device_code(interpreted=True)
+    guard = triton_impl._on_device(torch.device("cuda", 1))  # a launch on cuda:1 runs under cuda:1
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_triton_on_cpu_tensors_needs_no_interpreter_switch():
+    """The issue's reproduction: with TRITON_INTERPRET=0 (as on a GPU machine) CPU tensors forced to
+    the Triton backend still run, in the interpreter, and match the reference."""
+    script = (
+        "import torch\n"
+        "from kernels import triplane_sample\n"
+        "planes = [torch.randn(2, r, 6, 3) for r in (5, 7, 7)]\n"
+        "planes[2] = torch.randn(2, 7, 5, 3)\n"
+        "coords = torch.rand(2, 40, 3)\n"
+        "out = triplane_sample(*planes, coords, backend='triton')\n"
+        "assert torch.equal(out, triplane_sample(*planes, coords, backend='reference'))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_triton_handles_empty_query_set():
@@ -354,13 +448,11 @@ def test_forced_triton_without_triton_raises(monkeypatch):
     assert triplane_sample(xy, yt, xt, coords).shape == (1, 5, 3)
 
 
-def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    import kernels.triton_triplane as triton_impl
-
+def test_forced_triton_on_another_device_type_raises():
     (xy, yt, xt), coords, _ = hand_case()
-    monkeypatch.setattr(triton_impl, "is_interpreted", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        triplane_sample(xy, yt, xt, coords, backend="triton")
+    meta = [t.to("meta") for t in (xy, yt, xt, coords)]
+    with pytest.raises(RuntimeError, match=f"{BACKEND_ENV}=reference"):
+        triplane_sample(*meta, backend="triton")
 
 
 def test_triton_rejects_float64_planes():
@@ -420,6 +512,30 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_triton_matches_reference_cuda(case):
     assert_parity(case, seed=case.seed(), device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", DETERMINISM_CASES + [
+    Case(b=16, n=4096, rx=16, ry=16, rt=32, c=8, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)
+], ids=str)
+def test_deterministic_backward_repeats_bit_for_bit_cuda(case):
+    assert_deterministic_backward(case, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES[:6], ids=str)
+def test_deterministic_triton_matches_reference_cuda(case):
+    assert_parity(case, seed=case.seed(), device="cuda", deterministic=True)
+
+
+@requires_two_gpus
+def test_tensors_on_the_second_gpu_run_there(monkeypatch):
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current."""
+    case = Case(b=2, n=3000, rx=16, ry=16, rt=32, c=8)
+    torch.cuda.set_device(0)
+    for deterministic in (False, True):
+        assert_parity(case, seed=case.seed(), device="cuda:1", deterministic=deterministic)
+    assert torch.cuda.current_device() == 0
 
 
 @requires_cuda
