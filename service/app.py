@@ -46,7 +46,7 @@ from model.triplane import split_clips
 from service import jobs, media, tokens, uploads
 from service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 
 log = logging.getLogger("coordtok.service")
 try:
@@ -105,13 +105,54 @@ def serving_devices(settings: Settings) -> list[str]:
     return ["cpu"]
 
 
+RANDOM_PREFIX = "preset:"  # a model setting `preset:NAME`: that preset with random weights
+
+
+def random_preset(spec: str) -> str | None:
+    """NAME of a `preset:NAME` model setting (random weights, asked for explicitly), else None."""
+    return spec[len(RANDOM_PREFIX):] if spec.startswith(RANDOM_PREFIX) else None
+
+
+def load_served_model(spec: str, device: str) -> CoordTok:
+    """The model of a model setting: '' the bundled weights, a .safetensors path, or
+    `preset:NAME` (random weights). A bare preset name is refused: it would serve random weights
+    without saying so."""
+    name = random_preset(spec)
+    if name is not None:
+        if name not in PRESETS:
+            raise ValueError(f"{spec!r}: no preset {name!r}; the presets are {', '.join(sorted(PRESETS))}")
+        return load_model(name, device)
+    if spec in PRESETS and not Path(spec).is_file():
+        raise ValueError(f"{spec!r} is a preset name, not a weights file, and a preset alone has random weights: "
+                         f"pass a .safetensors file, or say '{RANDOM_PREFIX}{spec}' (coordtok: --model {spec} "
+                         "--random-weights) to run random weights on purpose")
+    return load_model(Path(spec) if spec else None, device)
+
+
+def random_weights_warning(spec: str) -> str | None:
+    """The warning a server or command gives for random weights, else None."""
+    name = random_preset(spec)
+    return None if name is None else (f"the model has random weights ({RANDOM_PREFIX}{name}): its reconstructions are "
+                                      "noise; pass a trained .safetensors file for real ones")
+
+
 def model_identity(spec: str) -> tuple[str, str]:
-    """(model id, weights sha256) of a preset name or a weights file ('' = the bundled model)."""
-    if spec in PRESETS:
-        return f"{spec}@random", ""
+    """(model id, weights sha256) of a model setting ('' = the bundled model; `preset:NAME`: no weights file)."""
+    name = random_preset(spec)
+    if name is not None:
+        return f"{name}@random", ""
     path = Path(spec) if spec else DEFAULT_WEIGHTS
     digest = file_sha256(path)
     return f"{path.stem}@{digest[:12]}", digest
+
+
+def fitting_generator(generator: str, model: str, sha256: str, config, device: str) -> tuple[jobs.Generator | None, str]:
+    """`jobs.load_generator` for the tokenizer of the `model` setting: none for random weights,
+    since a generator is made for one trained tokenizer's weights."""
+    name = random_preset(model)
+    if name is not None:
+        return None, f"the tokenizer has random weights ({RANDOM_PREFIX}{name}); no generator is made for those"
+    return jobs.load_generator(generator, sha256, config, device)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -149,12 +190,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        for warning in unknown_variables():
+            log.warning(warning)
         devices = serving_devices(settings)
         models: dict[str, CoordTok] = {}
         for device in devices:
             started = time.perf_counter()
             try:
-                models[device] = await run_in_threadpool(load_model, settings.model or None, device)
+                models[device] = await run_in_threadpool(load_served_model, settings.model, device)
                 await run_in_threadpool(warm_up, models[device], settings.batch_max_frames)
             except Exception as error:  # the server must not start; `coordtok serve` prints this and exits 2
                 app.state.startup_error = (f"cannot load the model {settings.model or DEFAULT_WEIGHTS} on {device}: "
@@ -162,6 +205,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise StartupError(app.state.startup_error) from None
             metrics.model_load.labels(device).set(time.perf_counter() - started)
         model_id, sha256 = model_identity(settings.model)
+        app.state.model_warning = random_weights_warning(settings.model)
+        if app.state.model_warning:
+            log.warning(app.state.model_warning)
         config = next(iter(models.values())).config
         metrics.model.info({"model_id": model_id, "frames": str(config.frames), "tokens": str(config.tokens)})
         engine = Engine(models, settings.batch_max_frames, settings.batch_wait_ms, settings.max_queue,
@@ -171,7 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Without one, jobs can still be listed and downloaded, and generate answers 503.
         store = jobs.JobStore(settings.jobs_dir, on_transition)
         generator, app.state.generator_problem = await run_in_threadpool(
-            jobs.load_generator, settings.generator, sha256, config, devices[0])
+            fitting_generator, settings.generator, settings.model, sha256, config, devices[0])
         lane = sweeper = None
         if generator is not None:
             requeued = await run_in_threadpool(store.recover)
@@ -185,8 +231,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lane.start()
             sweeper = asyncio.ensure_future(sweep_periodically(store))
             log.info("generator loaded", extra={"generator": generator.model_id, "requeued_jobs": requeued})
-        else:
-            log.warning("generation is off: %s", app.state.generator_problem)
+        else:  # turned off on purpose ("none"): no warning
+            log.log(logging.INFO if settings.generator == "none" else logging.WARNING, "generation is off: %s",
+                    app.state.generator_problem)
         app.state.engine, app.state.config, app.state.devices = engine, config, devices
         app.state.model_id, app.state.sha256 = model_id, sha256
         app.state.store, app.state.generator, app.state.lane = store, generator, lane
@@ -291,7 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def models() -> dict:
         config = state.config
         return {"models": [{
-            "id": state.model_id, "weights_sha256": state.sha256, "devices": state.devices,
+            "id": state.model_id, "weights_sha256": state.sha256, "devices": state.devices, "warning": state.model_warning,
             "config": json.loads(config.to_json()),
             "token_shape": {name: [*shape] for name, shape in tokens.plane_shapes(config).items()},
             "tokens_per_clip": config.tokens,
@@ -750,7 +797,7 @@ class BodyLimitMiddleware:
             nonlocal started, replaced
             if message["type"] == "http.response.start":
                 started = True
-                if refused is not None and message["status"] != refused.http_status:  # e.g. a 400 for a body it could not read
+                if refused is not None:  # whatever the app answered (a 400 for a body it could not read, say)
                     replaced = True
                     return await _refusal(refused)(scope, receive, send)
             if not replaced:

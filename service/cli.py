@@ -78,6 +78,7 @@ def cmd_import_official(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.logs import configure_logging
+    from service.protocol import header_timeout_protocol
     from service.settings import Settings
 
     settings = Settings(**({"model": args.model} if args.model else {}), **({"generator": args.generator} if args.generator else {}))
@@ -86,8 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Idle keep-alive connections stay open longer than clients and proxies keep theirs (httpx 5 s,
     # nginx 60 s): at uvicorn's default of 5 s a request sent as the server closes the connection
     # is lost (seen under load as connection resets the server never logged).
+    # Headers must arrive within COORDTOK_HEADER_TIMEOUT_S (service/protocol.py).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                            timeout_keep_alive=KEEP_ALIVE_S)
+                            timeout_keep_alive=KEEP_ALIVE_S, http=header_timeout_protocol(settings.header_timeout_s))
     try:
         DrainingServer(config, app, settings.drain_timeout_s).run()
     except SystemExit:  # uvicorn's exit when start-up failed (logged): say why in one line

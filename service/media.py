@@ -444,6 +444,9 @@ def _check_request(size, resize, fps, start_s, end_s, max_frames) -> None:
 def _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames,
             frame_limit=None, check_stop=None) -> Iterator[np.ndarray]:
     """The selected frames of an opened stream as RGB uint8 `[H, W, 3]` arrays (see read_frames)."""
+    if fps is None and info.fps > 0 and not MIN_FPS <= info.fps <= MAX_FPS:
+        raise UnsupportedMedia(f"the video is {info.fps:g} fps; frame rates from {MIN_FPS:g} to {MAX_FPS:g} are "
+                               "supported: pass fps to resample it")
     period = 1.0 / (info.fps or FALLBACK_FPS)
     end = math.inf if end_s is None else end_s
     # Seek one source frame early so that the frame nearest to the first grid time is decoded.
