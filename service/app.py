@@ -74,8 +74,38 @@ _PLANE = {"type": "array", "items": {"type": "array", "items": {"type": "array",
 _DECODE_BODY = {"requestBody": {"required": True, "content": {
     "application/vnd.coordtok.tokens+safetensors": _BINARY, "application/x-npz": _BINARY,
     "application/json": {"schema": {"type": "object", "required": ["xy", "yt", "xt"], "properties": {
-        "xy": _PLANE, "yt": _PLANE, "xt": _PLANE, "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}}},
+        "xy": _PLANE, "yt": _PLANE, "xt": _PLANE, "metadata": {"type": "object"}}}},
+    "multipart/form-data": _ENCODE_BODY["requestBody"]["content"]["multipart/form-data"],
 }}}
+# What each refusal means; every one answers {"error": {"type", "message"}}.
+_REFUSALS = {
+    400: "a multipart body that cannot be parsed",
+    401: "a missing or wrong API key (when the server has keys)",
+    404: "no such job, result or route",
+    408: "the body did not arrive in time (COORDTOK_BODY_TIMEOUT_S, COORDTOK_BODY_MIN_RATE)",
+    409: "the job has no results (yet)",
+    413: "over a limit: body size, frames, clips, streams, frame size or answer pixels",
+    415: "not a video FFmpeg reads, or an unsupported token content type",
+    422: "invalid parameters, a damaged video or tokens this model cannot decode",
+    503: "the queue is full, the server is starting or stopping, or a device ran out of memory (with Retry-After)",
+    504: "the request did not finish within COORDTOK_REQUEST_TIMEOUT_S",
+}
+_ERROR_CONTENT = {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["type", "message"],
+    "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}}}
+
+
+def _answers(*refusals: int, ok: dict[int, dict | None] | None = None) -> dict:
+    """The `responses` of a route for the OpenAPI spec: its refusals, and its successes by status
+    (`ok={200: {"video/mp4": ...}}`: content types; None: no body)."""
+    documented = {status: {"description": _REFUSALS[status], "content": _ERROR_CONTENT} for status in refusals}
+    for status, content in (ok or {}).items():
+        documented[status] = {"description": "success", **({"content": content} if content is not None else {})}
+    return documented
+
+
+_JSON = {"application/json": {"schema": {"type": "object"}}}
+_UPLOAD_REFUSALS = (400, 401, 408, 413, 415, 422, 503, 504)
 
 
 class RequestError(Exception):
@@ -198,7 +228,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             started = time.perf_counter()
             try:
                 models[device] = await run_in_threadpool(load_served_model, settings.model, device)
-                await run_in_threadpool(warm_up, models[device], settings.batch_max_frames)
             except Exception as error:  # the server must not start; `coordtok serve` prints this and exits 2
                 app.state.startup_error = (f"cannot load the model {settings.model or DEFAULT_WEIGHTS} on {device}: "
                                            f"{type(error).__name__}: {error}")
@@ -211,7 +240,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         config = next(iter(models.values())).config
         metrics.model.info({"model_id": model_id, "frames": str(config.frames), "tokens": str(config.tokens)})
         engine = Engine(models, settings.batch_max_frames, settings.batch_wait_ms, settings.max_queue,
-                        settings.request_timeout_s, on_batch=on_batch)
+                        settings.request_timeout_s, on_batch=on_batch, compile_decoder=settings.compile_decoder)
+        try:  # the largest batches, in the serving dtype: running out of memory shows now, not on a request
+            warm_ups = await run_in_threadpool(engine.warm_up)
+        except Exception as error:
+            app.state.startup_error = (f"the warm-up on the largest batch (COORDTOK_BATCH_MAX_FRAMES="
+                                       f"{settings.batch_max_frames}) failed: {type(error).__name__}: {error}")
+            raise StartupError(app.state.startup_error) from None
+        for report in warm_ups:
+            metrics.model_load.labels(report.device).inc(report.seconds)
+            if report.peak_memory_bytes is not None:
+                metrics.warmup_memory.labels(report.device).set(report.peak_memory_bytes)
         engine.start()
         # Only a server with a generator owns the jobs dir: it recovers, runs and sweeps jobs.
         # Without one, jobs can still be listed and downloaded, and generate answers 503.
@@ -315,15 +354,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "alive"}
+    async def healthz() -> JSONResponse:
+        """Alive unless every model replica was taken out of service: then 503, so that the process is restarted."""
+        if hasattr(state, "engine") and not state.engine.alive:
+            return JSONResponse({"status": "no device in service", "devices": state.engine.states()}, 503)
+        return JSONResponse({"status": "alive"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         ready = hasattr(state, "engine") and state.engine.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses=_answers(ok={200: {"text/plain": {"schema": {"type": "string"}}}}))
     async def prometheus() -> PlainTextResponse:
         if hasattr(state, "engine"):
             metrics.queue_size.set(state.engine.in_system)
@@ -334,7 +377,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.jobs.labels(status).set(count)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_answers(401))
     async def models() -> dict:
         config = state.config
         return {"models": [{
@@ -346,13 +389,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "id": state.generator.model_id, "classes": state.generator.num_classes, "samplers": list(jobs.SAMPLERS),
         }}
 
-    @app.post("/v1/encode", openapi_extra=_ENCODE_BODY)
+    @app.post("/v1/encode", openapi_extra=_ENCODE_BODY, response_class=Response,
+              responses=_answers(*_UPLOAD_REFUSALS, ok={200: {**{mime: _BINARY for mime in tokens.FORMATS.values()}, **_JSON}}))
     async def encode(
         request: Request,
         resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
         fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
                                   description="resample to this rate (default: the source's)"),
-        start: float = Query(0.0, ge=0, allow_inf_nan=False, description="seconds"),
+        start: float = Query(0.0, ge=0, le=settings.max_duration_s, allow_inf_nan=False, description="seconds"),
         end: float | None = Query(None, gt=0, allow_inf_nan=False, description="seconds"),
         format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
     ) -> Response:
@@ -396,7 +440,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body = await run_in_threadpool(tokens.serialise, tokens.Tokens(triplane, meta), fmt)
         return Response(body, media_type=tokens.FORMATS[fmt])
 
-    @app.post("/v1/decode", openapi_extra=_DECODE_BODY)
+    @app.post("/v1/decode", openapi_extra=_DECODE_BODY, response_class=Response,
+              responses=_answers(*_UPLOAD_REFUSALS, ok={200: {mime: _BINARY for mime in VIDEO_TYPES.values()}}))
     async def decode(
         request: Request,
         start: int = Query(0, ge=0, description="first frame"),
@@ -443,7 +488,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
         return Response(payload, media_type=VIDEO_TYPES[out])
 
-    @app.post("/v1/generate", status_code=202)
+    @app.post("/v1/generate", status_code=202, responses=_answers(401, 408, 413, 422, 503, ok={202: _JSON}))
     async def generate(body: jobs.GenerateRequest,
                        idempotency_key: str | None = Header(None, min_length=1, max_length=255)) -> JSONResponse:
         if state.generator is None:
@@ -462,7 +507,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"Location": f"/v1/jobs/{job.id}", **({} if created else {"Idempotent-Replayed": "true"})}
         return JSONResponse(job.to_json(), 202, headers=headers)
 
-    @app.get("/v1/jobs")
+    @app.get("/v1/jobs", responses=_answers(401, 422))
     async def list_jobs(
         limit: int = Query(20, ge=1, le=100),
         cursor: str | None = Query(None, pattern="^[0-9]{1,18}$", description="next_cursor of the previous page"),
@@ -471,11 +516,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         found, after = await run_in_threadpool(state.store.list, limit, int(cursor) if cursor else None, status)
         return {"jobs": [job.to_json() for job in found], "next_cursor": None if after is None else str(after)}
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", responses=_answers(401, 404, 422))
     async def get_job(job_id: str) -> dict:
         return (await run_in_threadpool(state.store.require, job_id)).to_json()
 
-    @app.get("/v1/jobs/{job_id}/results/{k}")
+    @app.get("/v1/jobs/{job_id}/results/{k}", response_class=Response,
+             responses=_answers(401, 404, 409, 422, ok={200: {mime: _BINARY for _, mime in jobs.RESULT_TYPES.values()}}))
     async def get_result(job_id: str, k: int) -> FileResponse:
         job = await run_in_threadpool(state.store.require, job_id)
         if not 0 <= k < job.num_videos:
@@ -491,7 +537,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         extension, media_type = jobs.RESULT_TYPES[job.request["format"]]
         return FileResponse(path, media_type=media_type, filename=f"{job_id}-{k}.{extension}")
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", responses=_answers(401, 404, 422, ok={200: _JSON, 202: _JSON, 204: None}))
     async def delete_job(job_id: str) -> Response:
         """Queued: cancelled at once (200). Running: stops at its next sampling step (202).
         Finished: the job and its results are deleted (204)."""
@@ -638,16 +684,6 @@ def _authorised(header: str, keys: list[bytes]) -> bool:
     if scheme.lower() != "bearer":
         return False
     return any([hmac.compare_digest(token.encode(), key) for key in keys])
-
-
-def warm_up(model: CoordTok, batch_max_frames: int) -> None:
-    """Run the largest configured batch once, so that running out of memory shows at start-up."""
-    c = model.config
-    clips = max(1, batch_max_frames // c.frames)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        triplane = model.encode(torch.zeros(clips, c.frames, c.height, c.width, 3, device=device))
-        model.decode_video(triplane, frames=(0, min(c.frames, c.decode_slice_frames)))
 
 
 def clip_ranges(lengths: list[int], frames_per_clip: int, start: int, stop: int) -> list[tuple[int, tuple[int, int]]]:

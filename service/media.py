@@ -435,7 +435,7 @@ def _check_request(size, resize, fps, start_s, end_s, max_frames) -> None:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
     if fps is not None:
         check_fps(fps, "the requested rate")
-    if start_s < 0 or (end_s is not None and end_s <= start_s):
+    if not math.isfinite(start_s) or start_s < 0 or (end_s is not None and end_s <= start_s):
         raise ValueError(f"need 0 <= start_s < end_s, got start_s={start_s!r}, end_s={end_s!r}")
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"max_frames must be >= 0, got {max_frames!r}")
@@ -543,14 +543,14 @@ def _declared_count(info: VideoInfo, fps: float | None, start_s: float, end_s: f
         return info.frames_at(fps)
     rate = fps or info.fps
     end = info.duration_s if end_s is None else min(end_s, info.duration_s)
-    return max(math.floor((end - start_s) * rate + 1e-6), 0) if rate > 0 and info.duration_s > 0 else 0
+    return math.floor(max(end - start_s, 0.0) * rate + 1e-6) if rate > 0 and info.duration_s > 0 else 0
 
 
 def _expected_count(info, fps, start_s, end_s, max_frames, limits) -> int:
     """How many frames a request should yield according to the header (a buffer size hint)."""
     rate = fps or info.fps or FALLBACK_FPS
     end = info.duration_s if end_s is None else min(end_s, info.duration_s or end_s)
-    estimate = max(math.ceil(min((end - start_s) * rate, limits.max_frames)), 1)
+    estimate = max(math.ceil(min(max(end - start_s, 0.0) * rate, limits.max_frames)), 1)
     return min(estimate, max_frames if max_frames is not None else estimate, limits.max_frames)
 
 

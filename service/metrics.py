@@ -42,6 +42,8 @@ class Metrics:
         self.gpu_reserved = Gauge("coordtok_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.", ["device"], registry=r)
         self.oom = Counter("coordtok_out_of_memory", "Batches that ran out of device memory.", ["device"], registry=r)
         self.model_load = Gauge("coordtok_model_load_seconds", "Time to load and warm up the model, per device.", ["device"], registry=r)
+        self.warmup_memory = Gauge("coordtok_warmup_peak_memory_bytes", "Peak GPU memory allocated while warming up on the "
+                                   "largest batches the settings allow (weights included).", ["device"], registry=r)
         self.ready = Gauge("coordtok_ready", "1 when the server accepts work.", registry=r)
         self.jobs = Gauge("coordtok_jobs", "Generation jobs by current status.", ["status"], registry=r)
         self.job_transitions = Counter("coordtok_job_transitions", "Generation jobs entering each status.", ["status"], registry=r)

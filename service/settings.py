@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     # Dynamic batching: a batch closes at `batch_max_frames` frames of work or after `batch_wait_ms`.
     batch_max_frames: int = Field(512, ge=1)
     batch_wait_ms: float = Field(10.0, ge=0)
+    compile_decoder: bool = Field(False, description="torch.compile the decoder (compiled during the warm-up)")
     max_queue: int = Field(32, ge=1, description="requests waiting or running; more get 503")
     request_timeout_s: float = Field(300.0, gt=0, description="from the end of the request body to the answer: "
                                      "media decoding, the model and media encoding (504 past it)")

@@ -606,3 +606,18 @@ def test_a_damaged_video_stream_is_not_called_audio_only(tmp_path):
     data[data.index(b"mdia")] ^= 0xFF  # the video track's media box becomes unreadable
     with pytest.raises(media.CorruptMedia, match="video stream is damaged"):
         media.read_frames(io.BytesIO(bytes(data)))
+
+
+# 13. The OpenAPI spec describes the server (schemathesis with every check: test_fuzz.py) -----
+
+
+def test_a_405_names_every_method_of_the_path(models, tmp_path):
+    with TestClient(create_app(settings(models, tmp_path, generator="none"))) as client:
+        response = client.put("/v1/jobs/0123")
+        spec = client.get("/openapi.json").json()
+    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET"
+    assert response.json()["error"]["type"] == "HTTPError"
+    assert set(spec["paths"]["/v1/jobs/{job_id}"]) == {"get", "delete"}
+    assert "404" in spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
+    assert "400" in spec["paths"]["/v1/encode"]["post"]["responses"]
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
