@@ -108,6 +108,10 @@ async function encode(event) {
   }
 }
 
+// Metadata values are plain JSON in JSON token files; older servers wrote lists and objects as
+// JSON-encoded strings.
+const metaValue = (value) => (typeof value === "string" ? JSON.parse(value) : value);
+
 function showTokens(tokens, file, seconds) {
   const meta = tokens.metadata;
   const clips = tokens.xy.length;
@@ -115,8 +119,8 @@ function showTokens(tokens, file, seconds) {
   const channels = perClip[0][2];
   const count = perClip.reduce((sum, [a, b]) => sum + a * b, 0);
   const facts = {
-    "file": `${file.name} (${(file.size / 1024).toFixed(0)} KiB, ${JSON.parse(meta.source_size).join("x")} at ${meta.source_fps} fps)`,
-    "clips": `${clips} of ${meta.frames_per_clip} frames; valid frames ${JSON.parse(meta.n_frames).join(", ")}`,
+    "file": `${file.name} (${(file.size / 1024).toFixed(0)} KiB, ${metaValue(meta.source_size).join("x")} at ${meta.source_fps} fps)`,
+    "clips": `${clips} of ${meta.frames_per_clip} frames; valid frames ${metaValue(meta.n_frames).join(", ")}`,
     "tokens": `${count * clips} (${count} per clip: xy ${perClip[0].slice(0, 2).join("x")}, ` +
               `yt ${perClip[1].slice(0, 2).join("x")}, xt ${perClip[2].slice(0, 2).join("x")}; ${channels} channels each)`,
     "model": meta.model_id,
@@ -138,7 +142,7 @@ async function showClip(k) {
   say("psnr", "PSNR: computing...");
   for (const plane of ["xy", "yt", "xt"]) drawPlane($(`plane-${plane}`), tokens[plane][k], plane);
   const perClip = Number(meta.frames_per_clip);
-  const frames = JSON.parse(meta.n_frames)[k];
+  const frames = metaValue(meta.n_frames)[k];
   const start = k * perClip;
   const response = await api(`/v1/decode?format=npy&start=${start}&end=${start + frames}`, {
     method: "POST", body: state.tokensText, headers: { "Content-Type": "application/json" },
@@ -172,7 +176,7 @@ async function originalFrames(file, meta, start, count, height, width) {
       video.onloadeddata = resolve;
       video.onerror = () => reject(new Error("this browser cannot play the uploaded file"));
     });
-    const geometry = JSON.parse(meta.geometry);
+    const geometry = metaValue(meta.geometry);
     const [scaledH, scaledW] = geometry.scaled;
     const [cropTop, cropLeft, cropH, cropW] = geometry.crop;
     const [padTop, padLeft] = geometry.pad;
