@@ -123,3 +123,45 @@ def test_the_largest_acceptable_file_fits_the_body_bound():
         assert len(serialise(biggest, fmt)) < largest_file_bytes(CONFIG, 4)
     indented = json.dumps(json.loads(serialise(biggest, "json")), indent=4).encode()
     assert len(indented) < largest_file_bytes(CONFIG, 4) - (1 << 20)  # within the per-value share alone
+
+
+ENCODED = {"model_id": "tiny@abc", "frames_per_clip": "128", "n_frames": "[128, 41]", "fps": "29.97",
+           "source_size": "[465, 640]", "weights_sha256": "12e45",  # a string that also parses as a number
+           "geometry": json.dumps({"policy": "pad", "scaled": [94, 128], "crop": [0, 0, 94, 128], "pad": [17, 0, 94, 128]})}
+
+
+@pytest.mark.parametrize("fmt", ["npz", "json"])
+def test_npz_and_json_metadata_are_plain_json_values_and_read_back_as_before(fmt):
+    original = tokens()
+    original.metadata = ENCODED
+    data = serialise(original, fmt)
+    if fmt == "json":
+        written = json.loads(data)["metadata"]
+    else:
+        with np.load(io.BytesIO(data)) as archive:
+            written = json.loads(str(archive["__metadata__"]))
+    assert written["n_frames"] == [128, 41] and written["geometry"]["pad"] == [17, 0, 94, 128]
+    assert written["frames_per_clip"] == 128 and written["fps"] == 29.97
+    assert written["model_id"] == "tiny@abc" and written["weights_sha256"] == "12e45"  # not turned into 1.2e+46
+    assert parse(data, fmt, CONFIG, max_clips=4).metadata == ENCODED
+
+
+@pytest.mark.parametrize("fmt", ["npz", "json"])
+def test_files_with_json_encoded_metadata_strings_still_read(fmt):
+    """Older servers wrote "n_frames": "[128, 41]" in npz and JSON files too."""
+    planes = {name: plane.numpy() for name, plane in zip(("xy", "yt", "xt"), tokens().triplane.planes())}
+    if fmt == "json":
+        data = json.dumps({"metadata": ENCODED, **{k: v.tolist() for k, v in planes.items()}}).encode()
+    else:
+        buffer = io.BytesIO()
+        np.savez(buffer, **planes, __metadata__=np.array(json.dumps(ENCODED)))
+        data = buffer.getvalue()
+    assert parse(data, fmt, CONFIG, max_clips=4).metadata == ENCODED
+
+
+def test_the_same_tokens_give_the_same_bytes_whatever_the_metadata_order():
+    first, second = tokens(), tokens()
+    first.metadata = dict(ENCODED)
+    second.metadata = dict(reversed(list(ENCODED.items())))
+    for fmt in FORMATS:
+        assert serialise(first, fmt) == serialise(second, fmt), fmt
