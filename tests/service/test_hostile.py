@@ -284,6 +284,7 @@ def test_metrics_label_route_templates_not_raw_paths(models, tmp_path):
             assert client.get(f"/v1/unknown-{k}", headers=wrong).status_code == 401
             assert client.get(f"/v1/jobs/secret-job-{k}", headers=wrong).status_code == 401
         after = client.get("/metrics").text
+    print(f"hostile: 2,000 refused requests to distinct paths, /metrics {len(before)} -> {len(after)} bytes")
     assert len(after) - len(before) < 1000  # the same label sets, counted higher (4 MB before the fix)
     assert "secret-job" not in after and "unknown-" not in after
     assert 'coordtok_requests_total{route="unmatched",status="401"} 1001.0' in after
@@ -313,6 +314,8 @@ def test_the_clip_limit_is_checked_from_the_header_then_at_the_crossing_frame(mo
         while_decoding = client.post("/v1/encode", content=raw, headers={"content-type": "application/octet-stream"})
         decoded_frames = len(converted) - header_frames
         fits = client.post("/v1/encode", content=raw_h264(16, 16, limit, 40), headers={"content-type": "application/octet-stream"})
+    print(f"hostile: clip limit {limit} frames: {header_frames} frames decoded (header says 2000), "
+          f"{decoded_frames} (raw stream of 200)")
     assert from_header.status_code == 413 and header_frames == 0
     assert "makes 250 clips of 8 frames" in from_header.json()["error"]["message"]
     assert while_decoding.status_code == 413 and decoded_frames == limit  # stopped at the frame past the limit
@@ -621,3 +624,19 @@ def test_a_405_names_every_method_of_the_path(models, tmp_path):
     assert "404" in spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
     assert "400" in spec["paths"]["/v1/encode"]["post"]["responses"]
     assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+def test_metadata_that_is_not_utf8_is_read_not_a_500():
+    """Found while damaging MP4s for the test above: PyAV decodes container metadata strictly."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        container.metadata["title"] = "TITLETITLE"
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode(None))
+    damaged = buffer.getvalue().replace(b"TITLETITLE", b"\xff\xfe\xfdTLETITLE")
+    frames, _, _ = media.read_frames(io.BytesIO(damaged))
+    assert frames.shape == (3, 16, 16, 3)
