@@ -1,11 +1,17 @@
-"""The engine: batching across requests, equal results, back-pressure, deadlines, failures."""
+"""The engine: batching across requests, equal results, back-pressure, deadlines, failures, and
+(with several CPU replicas standing in for GPUs) routing, replicas taken out of service, requests
+split into batches, warm-up, and the worker threads' device."""
 import asyncio
+import copy
+import threading
 import time
 
 import pytest
 import torch
 
 from model import CoordTok, CoordTokConfig
+from model import Triplane
+from service import engine as engine_module
 from service.engine import DeadlineExceeded, DeviceFailure, Engine, NotReady, QueueFull
 
 CONFIG = CoordTokConfig(
@@ -21,10 +27,12 @@ def model() -> CoordTok:
     return CoordTok(CONFIG).eval()
 
 
-def make_engine(model, batches=None, **settings) -> Engine:
+def make_engine(model, batches=None, replicas=1, **settings) -> Engine:
+    """An engine over `replicas` CPU replicas (cpu:0, cpu:1, ... each its own copy of the model)."""
     values = dict(batch_max_frames=64, batch_wait_ms=100, max_queue=8, request_timeout_s=30)
     values.update(settings)
-    engine = Engine({"cpu": model}, on_batch=None if batches is None else batches.append, **values)
+    models = {"cpu": model} if replicas == 1 else {f"cpu:{i}": copy.deepcopy(model) for i in range(replicas)}
+    engine = Engine(models, on_batch=None if batches is None else batches.append, **values)
     engine.start()
     return engine
 
@@ -125,18 +133,180 @@ def test_a_failed_batch_fails_its_requests_and_the_worker_recovers(model):
         engine.stop()
 
 
-def test_a_device_that_keeps_failing_is_not_ready(model):
+def fail_with(message: str):
+    return lambda batch: (_ for _ in ()).throw(RuntimeError(message))
+
+
+def test_a_device_whose_probe_keeps_failing_is_taken_out_of_service(model, monkeypatch):
+    monkeypatch.setattr(engine_module, "PROBE_PAUSE_S", 0.01)
     engine = make_engine(model, batch_wait_ms=0)
     worker = engine.workers[0]
-    worker.run = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
-    worker.probe = lambda: False
+    worker.run = fail_with("the model broke")
+    probes = []
+    worker.probe = lambda: probes.append(1) and False
 
     async def encode():
         return await engine.encode(clips(1, 7), torch.tensor([8]))
 
     try:
-        with pytest.raises(DeviceFailure, match="device lost") as failure:
+        with pytest.raises(DeviceFailure, match="the model broke") as failure:
             asyncio.run(encode())
-        assert failure.value.http_status == 500 and not engine.ready
+        assert failure.value.http_status == 500 and len(probes) == engine_module.PROBE_ATTEMPTS
+        assert not engine.ready and not engine.alive and engine.states() == {"cpu": "out of service"}
+        with pytest.raises(NotReady, match="no device is in service"):
+            asyncio.run(encode())
     finally:
         engine.stop()
+
+
+def test_a_sticky_device_error_takes_the_replica_out_without_probing(model):
+    engine = make_engine(model, batch_wait_ms=0)
+    worker = engine.workers[0]
+    worker.run = fail_with("CUDA error: an illegal memory access was encountered")
+    worker.probe = lambda: pytest.fail("a lost device is not probed")
+    try:
+        with pytest.raises(DeviceFailure, match="taken out of service") as failure:
+            asyncio.run(engine.encode(clips(1, 7), torch.tensor([8])))
+        assert failure.value.http_status == 503 and failure.value.device_lost and not engine.alive
+    finally:
+        engine.stop()
+
+
+def record_devices(engine: Engine) -> list[str]:
+    """The device of every batch run, in order."""
+    ran = []
+    for worker in engine.workers:
+        def recording(batch, worker=worker, real=worker.run):
+            ran.append(str(worker.device))
+            return real(batch)
+        worker.run = recording
+    return ran
+
+
+def test_two_replicas_one_failing_the_healthy_one_takes_its_work(model):
+    """The issue's simulation: a replica that fails fast (here: a sticky device error after 0.2 s)
+    fails only the batch it held; the work queued behind it and every later request run on the
+    healthy replica, and the server stays ready and alive."""
+    engine = make_engine(model, replicas=2, batch_max_frames=8, batch_wait_ms=0)
+    healthy, failing = engine.workers
+    ran = record_devices(engine)
+    failing.run = lambda batch: (ran.append("cpu:1"), time.sleep(0.2), fail_with("CUDA error: unspecified launch failure")(batch))
+
+    async def encode_all(n):
+        return await asyncio.gather(*(engine.encode(clips(1, k), torch.tensor([8])) for k in range(n)),
+                                    return_exceptions=True)
+
+    try:
+        first = asyncio.run(encode_all(8))
+        later = asyncio.run(encode_all(4))
+        states, ready, alive = engine.states(), engine.ready, engine.alive
+    finally:
+        engine.stop()
+    failures = [r for r in first if isinstance(r, Exception)]
+    assert len(failures) == 1 and isinstance(failures[0], DeviceFailure) and failures[0].http_status == 503
+    assert all(isinstance(r, Triplane) for r in later)
+    assert ran.count("cpu:1") == 1 and ran.count("cpu:0") == 11
+    assert states == {"cpu:0": "serving", "cpu:1": "out of service"} and ready and alive
+    with torch.inference_mode():
+        for k, result in enumerate(later):
+            torch.testing.assert_close(result.xy, model.encode(clips(1, k).float() / 127.5 - 1).xy, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_counts_running_work_not_only_queued(model):
+    """Replica 0 is busy with a slow batch (nothing queued): the next request goes to replica 1."""
+    engine = make_engine(model, replicas=2, batch_wait_ms=0)
+    slow = engine.workers[0].run
+    started = threading.Event()
+    engine.workers[0].run = lambda batch: (started.set(), time.sleep(0.5), slow(batch))[2]
+    ran = record_devices(engine)
+
+    async def run():
+        first = asyncio.ensure_future(engine.encode(clips(1, 1), torch.tensor([8])))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        assert engine.workers[0].load == 8 and engine.workers[0].pending_cost == 0
+        second = await engine.encode(clips(1, 2), torch.tensor([8]))
+        return await first, second
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    assert ran == ["cpu:0", "cpu:1"]
+
+
+def test_requests_larger_than_a_batch_are_split_and_put_back_together(model):
+    batches = []
+    engine = make_engine(model, batches, replicas=2, batch_max_frames=16, batch_wait_ms=0)
+    video = clips(5, 8)
+    n_frames = torch.tensor([8, 8, 8, 8, 3])
+    with torch.inference_mode():
+        expected = model.encode(video.float() / 127.5 - 1, n_frames)
+
+    async def run():
+        triplane = await engine.encode(video, n_frames)
+        return triplane, await engine.decode(triplane, (1, 6)), await engine.decode(triplane, (4, 6))
+
+    try:
+        triplane, decoded, short = asyncio.run(run())
+    finally:
+        engine.stop()
+    torch.testing.assert_close(triplane.xy, expected.xy, rtol=1e-5, atol=1e-5)
+    assert decoded.shape == (5, 5, 16, 16, 3) and short.shape == (5, 2, 16, 16, 3)
+    with torch.inference_mode():
+        full = model.decode_video(triplane)
+    assert torch.equal(decoded, ((full[:, 1:6].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    # Encode: 2 + 2 + 1 clips of 8 frames. Decode (1, 6): both 4-frame slices, 8 frames a clip,
+    # 2 clips a batch; (4, 6): one slice, 4 frames a clip, 4 clips a batch.
+    assert all(b.frames <= 16 for b in batches)
+    assert sorted(b.frames for b in batches if b.kind == "encode") == [8, 16, 16]
+    assert sorted(b.frames for b in batches if b.kind == "decode") == [4, 8, 16, 16, 16]
+    assert {b.device for b in batches} == {"cpu:0", "cpu:1"}
+
+
+def test_warm_up_runs_the_largest_batches_in_the_serving_dtype(model):
+    engine = Engine({"cpu": copy.deepcopy(model)}, batch_max_frames=24, batch_wait_ms=0, max_queue=1, request_timeout_s=5)
+    worker = engine.workers[0]
+    shapes = []
+    real_encode, real_decode = worker.model.encode, worker.model.decode_video
+    worker.model.encode = lambda video, n: (shapes.append(("encode", tuple(video.shape), video.dtype)), real_encode(video, n))[1]
+    worker.model.decode_video = lambda t, frames: (shapes.append(("decode", t.batch_size, frames)), real_decode(t, frames=frames))[1]
+    (report,) = engine.warm_up()
+    assert shapes == [("encode", (3, 8, 16, 16, 3), torch.float32), ("decode", 6, (0, 4))]
+    assert (report.device, report.dtype, report.encode_clips, report.decode_clips, report.decode_frames) == ("cpu", "float32", 3, 6, 4)
+    assert report.peak_memory_bytes is None  # no device memory to measure on the CPU
+
+
+def test_each_worker_thread_makes_its_cuda_device_current_before_running(model, monkeypatch):
+    """Paper GPUs: a replica named cuda:1 (its model stays on the CPU; batches are faked) must call
+    torch.cuda.set_device(cuda:1) on its own thread before its first batch."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(("set_device", torch.device(device), threading.current_thread().name)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    engine = Engine({"cuda:1": model}, batch_max_frames=8, batch_wait_ms=0, max_queue=2, request_timeout_s=5)
+    worker = engine.workers[0]
+    assert worker.autocast  # bf16 is the serving dtype on such a GPU
+    with torch.inference_mode():
+        result = model.encode(clips(1, 0).float() / 127.5 - 1)
+    worker.run = lambda batch: (events.append(("run", threading.current_thread().name)), [result])[1]
+    engine.start()
+    try:
+        asyncio.run(engine.encode(clips(1, 0), torch.tensor([8])))
+    finally:
+        engine.stop()
+    assert events == [("set_device", torch.device("cuda:1"), "coordtok-cuda:1"), ("run", "coordtok-cuda:1")]
+
+
+def test_a_compiled_decoder_gives_the_same_frames(model):
+    engine = Engine({"cpu": copy.deepcopy(model)}, batch_max_frames=16, batch_wait_ms=0, max_queue=2,
+                    request_timeout_s=600, compile_decoder=True)
+    with torch.inference_mode():
+        triplane = model.encode(clips(2, 9).float() / 127.5 - 1)
+        expected = ((model.decode_video(triplane, frames=(0, 8)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    engine.warm_up()
+    engine.start()
+    try:
+        got = asyncio.run(engine.decode(triplane, (0, 8)))
+    finally:
+        engine.stop()
+    assert (got.int() - expected.int()).abs().max() <= 1
