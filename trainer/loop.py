@@ -4,6 +4,15 @@ run loop (progress bar, metrics.jsonl, TensorBoard, checkpoints, export) and the
 A trainer subclasses `TrainLoop`, builds its model, optimiser and data in `__init__`, and defines
 `batches()` (micro-batches forever, from the data position), `loss(*batch)`, `run_record()` (what
 the run folder's config.json records) and `export()` (the serving file at the end of the run).
+
+Exact resume: a checkpoint restores everything the next step reads (weights, optimiser, scaler,
+EMA, RNG streams, data position), so a resumed run repeats an uninterrupted one bit for bit where
+every kernel is deterministic: on the CPU always; on CUDA only when the process calls
+`torch.use_deterministic_algorithms(True)` (with `CUBLAS_WORKSPACE_CONFIG=:4096:8`), which also
+switches the triplane sampling backward to its fixed-order reduction. Without it, atomics (the
+triplane backward, index and attention backwards) add in a varying order, and a resumed run, like
+any rerun, drifts from the first by rounding. config.json records which held
+(`deterministic_algorithms`).
 """
 from __future__ import annotations
 
@@ -150,7 +159,8 @@ class TrainLoop:
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             record = {"train": dataclasses.asdict(config), "model": json.loads(self.model_config.to_json()),
-                      **self.run_record(), "git_commit": git_commit(), "world_size": self.dist.world_size}
+                      **self.run_record(), "git_commit": git_commit(), "world_size": self.dist.world_size,
+                      "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
             (self.run_dir / "config.json").write_text(json.dumps(record, indent=2))
         metrics = _metrics_log(self.run_dir / "metrics.jsonl", self.step) if is_main else None
         board = _tensorboard(self.run_dir) if is_main and config.tensorboard else None
