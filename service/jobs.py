@@ -56,7 +56,7 @@ from model.checkpoint import load_generator as load_sit
 from model.config import CoordTokConfig
 from model.transport import SAMPLERS, SamplingCancelled
 from service import tokens
-from service.media import FALLBACK_FPS, write_video
+from service.media import FALLBACK_FPS, MAX_FPS, MIN_FPS, write_video
 
 log = logging.getLogger("coordtok.jobs")
 
@@ -84,7 +84,7 @@ class GenerateRequest(BaseModel):
     guidance: float = Field(1.0, ge=1.0, le=100.0, description="classifier-free guidance scale (1: none)")
     class_label: int | None = Field(None, ge=0, description="for a class-conditional generator")
     format: Literal["mp4", "webm", "tokens"] = "mp4"
-    fps: float = Field(FALLBACK_FPS, gt=0, le=240, description="frame rate written into mp4/webm results")
+    fps: float = Field(FALLBACK_FPS, ge=MIN_FPS, le=MAX_FPS, description="frame rate written into mp4/webm results")
 
     def fingerprint(self) -> str:
         """Identity of the request as sent, for Idempotency-Key (a seed the server picks is not part of it)."""
