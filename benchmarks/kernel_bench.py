@@ -16,6 +16,9 @@ Variants (each timed for the forward pass and for forward + backward w.r.t. the 
 * ``compile``: ``torch.compile`` of the reference. A failure becomes a row
   carrying the error instead of stopping the run.
 * ``triton``: the fused kernels (CUDA only).
+* ``triton-deterministic``: the same forward, and the fixed-order backward that
+  ``torch.use_deterministic_algorithms(True)`` selects (CUDA only): its
+  ``fwd+bwd`` row against ``triton``'s is the cost of a reproducible backward.
 
 Every variant's output and plane gradients are checked against the reference
 before it is timed; a mismatch is reported as that row's error.
@@ -58,7 +61,7 @@ from benchmarks.common import machine, print_table, time_it, write_json  # noqa:
 from kernels import triplane_sample, triplane_sample_reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = ("reference", "grid_sample", "compile", "triton")
+VARIANTS = ("reference", "grid_sample", "compile", "triton", "triton-deterministic")
 SHAPES = ((16, 32, 8), (64, 64, 16))
 PATCH_GRID = (128, 16, 16)
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2**-6, torch.float16: 2**-9}
@@ -124,7 +127,8 @@ def make_sampler(variant: str) -> Sampler:
         return triplane_sample_grid_sample
     if variant == "compile":
         return torch.compile(triplane_sample_reference, dynamic=False)
-    return lambda xy, yt, xt, coords: triplane_sample(xy, yt, xt, coords, backend="triton")
+    deterministic = variant == "triton-deterministic"
+    return lambda xy, yt, xt, coords: triplane_sample(xy, yt, xt, coords, backend="triton", deterministic=deterministic)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -271,7 +275,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.quick:
         args.n, args.warmup, args.repeats = 2048, 1, 3
-    variants = [v for v in args.variants if v != "triton" or device.type == "cuda"]
+    variants = [v for v in args.variants if not v.startswith("triton") or device.type == "cuda"]
     dtype = DTYPES[args.dtype]
     measure = timer(device, args.warmup, args.repeats)
 
