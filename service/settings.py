@@ -4,7 +4,9 @@
 sane default."""
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -100,3 +102,27 @@ class Settings(BaseSettings):
             max_duration_s=self.max_duration_s, max_frames=self.max_frames, max_streams=self.max_streams,
         )
 
+
+
+# COORDTOK_* variables that are not settings: read by kernels/ (the triplane backend), the Docker
+# entry point and compose file, and the tests.
+OTHER_VARIABLES = {
+    "COORDTOK_SETTINGS_FILE", "COORDTOK_TRIPLANE_BACKEND", "COORDTOK_TRIPLANE_DETERMINISTIC",
+    "COORDTOK_HOST", "COORDTOK_PORT", "COORDTOK_MODELS_DIR", "COORDTOK_MODELS_HOST_DIR", "COORDTOK_HTTP_PORT",
+    "COORDTOK_PARITY_DIR", "COORDTOK_PLAYGROUND_SCREENSHOT", "COORDTOK_FUZZ_EXAMPLES", "COORDTOK_TRITON_36",
+}
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each `COORDTOK_*` variable in `environ` that is neither a setting nor one of
+    OTHER_VARIABLES (a typo such as COORDTOK_MAXQUEUE would otherwise be ignored silently),
+    naming the closest known variable."""
+    known = {f"COORDTOK_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()  # settings variables are matched case-insensitively
+        if upper.startswith("COORDTOK_") and upper not in known:
+            close = difflib.get_close_matches(upper.removeprefix("COORDTOK_"), [k.removeprefix("COORDTOK_") for k in known], n=1)
+            hint = f"; did you mean COORDTOK_{close[0]}?" if close else ""
+            warnings.append(f"{name} is not a CoordTok setting and is ignored{hint}")
+    return warnings
