@@ -13,7 +13,7 @@ STEPS = ["environment", "kernel parity and determinism", "kernel bench", "model 
 def test_gpu_check_cpu_mode_passes_every_step(tmp_path):
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(tmp_path)], cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)},
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1500)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
     assert done.returncode == 0, done.stdout + done.stderr
     assert [line.split(" (")[0] for line in lines] == [f"PASS {step}" for step in STEPS]
