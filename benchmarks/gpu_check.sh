@@ -86,8 +86,9 @@ run_step() {
     fi
 }
 
+if [[ $MODE == gpu ]]; then ENV_LIMIT=15; else ENV_LIMIT=60; fi  # GPU mode: 480 s of limits in all
 echo "# gpu_check: $MODE mode, machine $TAG, python $PYTHON, results in $OUT"
-run_step "environment" 30 "$PYTHON" -c "
+run_step "environment" "$ENV_LIMIT" "$PYTHON" -c "
 import sys, torch, triton, fastapi, av, safetensors
 from benchmarks.common import machine
 print(machine())
@@ -100,13 +101,13 @@ if [[ $MODE == gpu ]]; then
         tests/kernels/test_triplane_sample.py -k cuda
     run_step "kernel bench" 60 "$PYTHON" benchmarks/kernel_bench.py --dtype bf16 \
         --variants reference grid_sample triton triton-deterministic --peak-gbps "$PEAK_GBPS" --json "$(result kernel)"
-    run_step "model bf16" 100 "$PYTHON" benchmarks/model_bench.py --preset coordtok-l --dtype bf16 --batch 4 \
+    run_step "model bf16" 130 "$PYTHON" benchmarks/model_bench.py --preset coordtok-l --dtype bf16 --batch 4 \
         --variants base compiled --json "$(result model_bf16)"
-    run_step "model fp32" 50 "$PYTHON" benchmarks/model_bench.py --preset coordtok-l --dtype fp32 --batch 2 \
+    run_step "model fp32" 45 "$PYTHON" benchmarks/model_bench.py --preset coordtok-l --dtype fp32 --batch 2 \
         --repeats 2 --variants base tf32 --json "$(result model_fp32)"
-    run_step "engine memory" 60 "$PYTHON" benchmarks/engine_bench.py --preset coordtok-l --device cuda:0 \
+    run_step "engine memory" 55 "$PYTHON" benchmarks/engine_bench.py --preset coordtok-l --device cuda:0 \
         --batch-frames 128 256 512 1024 --json "$(result engine)"
-    run_step "service smoke" 90 "$PYTHON" benchmarks/service_smoke.py --device cuda:0 --timeout 80 --json "$(result smoke)"
+    run_step "service smoke" 85 "$PYTHON" benchmarks/service_smoke.py --device cuda:0 --timeout 75 --json "$(result smoke)"
 else  # generous limits: a CPU shared with other work may be slow, and no time budget applies
     run_step "kernel parity and determinism" 300 "$PYTHON" -m pytest -q -p no:cacheprovider \
         tests/kernels/test_triplane_sample.py -k "hand_computed or deterministic_backward_repeats_bit_for_bit_cpu"
