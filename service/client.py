@@ -50,8 +50,9 @@ def _encode_request(path: str | Path, fmt: str, options: dict) -> dict:
     }
 
 
-def _decode_request(tokens: Tokens, frames: tuple[int, int] | None, fmt: str, fps: float | None) -> dict:
-    params = {"format": fmt, **({"start": frames[0], "end": frames[1]} if frames else {}), **({"fps": fps} if fps else {})}
+def _decode_request(tokens: Tokens, frames: tuple[int, int] | None, fmt: str, fps: float | None, restore_size: bool) -> dict:
+    params = {"format": fmt, **({"start": frames[0], "end": frames[1]} if frames else {}), **({"fps": fps} if fps else {}),
+              **({"restore_size": "true"} if restore_size else {})}
     return {"url": "/v1/decode", "params": params, "content": token_files.serialise(tokens, "safetensors"),
             "headers": {"content-type": token_files.FORMATS["safetensors"]}}
 
@@ -103,9 +104,11 @@ class Client:
         request = _encode_request(path, "safetensors", {"resize": resize, "fps": fps, "start": start, "end": end})
         return _tokens(_checked(self.http.post(**request)))
 
-    def decode(self, tokens: Tokens, frames: tuple[int, int] | None = None, fmt: str = "mp4", fps: float | None = None) -> bytes:
-        """Tokens -> an encoded video (mp4 or webm) or .npy bytes."""
-        return _checked(self.http.post(**_decode_request(tokens, frames, fmt, fps))).content
+    def decode(self, tokens: Tokens, frames: tuple[int, int] | None = None, fmt: str = "mp4", fps: float | None = None,
+               restore_size: bool = False) -> bytes:
+        """Tokens -> an encoded video (mp4 or webm) or .npy bytes; `restore_size`: at the source's
+        size (tokens of a pad or stretch encode)."""
+        return _checked(self.http.post(**_decode_request(tokens, frames, fmt, fps, restore_size))).content
 
     def decode_frames(self, tokens: Tokens, frames: tuple[int, int] | None = None) -> np.ndarray:
         """Tokens -> uint8 frames [T, H, W, 3]."""
@@ -167,8 +170,9 @@ class AsyncClient:
         request = _encode_request(path, "safetensors", {"resize": resize, "fps": fps, "start": start, "end": end})
         return _tokens(_checked(await self.http.post(**request)))
 
-    async def decode(self, tokens: Tokens, frames: tuple[int, int] | None = None, fmt: str = "mp4", fps: float | None = None) -> bytes:
-        return _checked(await self.http.post(**_decode_request(tokens, frames, fmt, fps))).content
+    async def decode(self, tokens: Tokens, frames: tuple[int, int] | None = None, fmt: str = "mp4", fps: float | None = None,
+                     restore_size: bool = False) -> bytes:
+        return _checked(await self.http.post(**_decode_request(tokens, frames, fmt, fps, restore_size))).content
 
     async def decode_frames(self, tokens: Tokens, frames: tuple[int, int] | None = None) -> np.ndarray:
         return np.load(io.BytesIO(await self.decode(tokens, frames, fmt="npy")), allow_pickle=False)

@@ -103,7 +103,6 @@ class Settings(BaseSettings):
         )
 
 
-
 # COORDTOK_* variables that are not settings: read by kernels/ (the triplane backend), the Docker
 # entry point and compose file, and the tests.
 OTHER_VARIABLES = {

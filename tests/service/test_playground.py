@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import re
 import shutil
@@ -23,7 +24,6 @@ from model import LatentStats, SiT, load_model, save_generator, sit_preset
 from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from model.triplane import to_uint8
 from service.app import create_app
-from service.cli import moving_shapes_clip
 from service.media import MediaLimits, read_frames, write_video
 from service.settings import Settings
 from tests.service.server_process import ROOT, running_server
@@ -36,6 +36,21 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Chromium without a sandbox (root), GPU or calls home (this machine's network is closed).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+
+
+def moving_shapes_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A synthetic clip [frames, height, width, 3] in [-1, 1]: a smooth colour gradient with a
+    bright disc moving across it."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames).float()[:, None, None]
+    x = torch.linspace(0, 1, height)[None, :, None]
+    y = torch.linspace(0, 1, width)[None, None, :]
+    phase = torch.rand(3, generator=g) * 2 * math.pi
+    base = torch.stack([torch.sin(2 * math.pi * (x + y) / 2 + t / frames * 2 + p) for p in phase], dim=-1)
+    cx = 0.5 + 0.3 * torch.sin(2 * math.pi * t / frames)
+    cy = 0.2 + 0.6 * t / max(frames - 1, 1)
+    disc = ((x - cx) ** 2 + (y - cy) ** 2 < 0.02).float()[..., None]
+    return (0.6 * base * (1 - disc) + disc).clamp(-1, 1)
 
 
 def test_the_page_is_served_without_the_key_and_the_api_still_needs_it(tmp_path):
