@@ -21,8 +21,9 @@ bilinear weight of every (cell, query) pair (zero unless the cell is one of the 
 and adds ``weights @ grad_out`` (an fp32 ``tl.dot``) to per-cell fp32 sums held in registers: each
 block's partial sums are reduced in the dot's fixed order and the blocks are added one after the
 other. No atomics, no memory read after another thread's write: the same inputs give the same bits
-on every run. The work is (cells x queries x C) per video instead of (queries x C): a few
-times the fast backward's time on CoordTok's small planes (see benchmarks/kernel_bench.py).
+on every run. The work is (cells x queries x C) per video instead of (queries x C), which is
+cheap only because CoordTok's planes are small; its time against the fast backward is the
+``triton-deterministic`` row of benchmarks/kernel_bench.py (not yet measured on a GPU).
 
 Planes may be fp32, bf16 or fp16 (all interpolation math is fp32, outputs are in the plane dtype);
 coords are fp32. Kernels are compiled with ``enable_fp_fusion=False`` so that no multiply-add is
