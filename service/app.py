@@ -55,7 +55,7 @@ except importlib.metadata.PackageNotFoundError:  # run from a checkout that was 
     VERSION = "unknown"
 # Routes open without an API key: liveness, readiness, metrics and the playground page (its files
 # only: the API calls it makes send the key typed into it).
-_OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/"}
+_OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/favicon.ico"}
 _OPEN_PREFIX = "/static/"
 STATIC_DIR = Path(__file__).with_name("static")  # the playground (service/static/)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -328,7 +328,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             headers=headers)
 
     def body_limit(path: str) -> int:
-        if path == "/v1/encode":
+        if path in ("/v1/encode", "/v1/preview"):  # a video
             return settings.max_upload_bytes
         if path == "/v1/decode":  # the largest token file of max_clips clips the model could take
             config = getattr(state, "config", None)
@@ -350,6 +350,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -439,6 +443,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
             body = await run_in_threadpool(tokens.serialise, tokens.Tokens(triplane, meta), fmt)
         return Response(body, media_type=tokens.FORMATS[fmt])
+
+    @app.post("/v1/preview", openapi_extra=_ENCODE_BODY, response_class=Response,
+              responses=_answers(*_UPLOAD_REFUSALS, ok={200: {mime: _BINARY for mime in VIDEO_TYPES.values()}}))
+    async def preview(
+        request: Request,
+        resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
+        fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
+                                  description="resample to this rate (default: the source's)"),
+        start: float = Query(0.0, ge=0, le=settings.max_duration_s, allow_inf_nan=False, description="seconds"),
+        end: float | None = Query(None, gt=0, allow_inf_nan=False, description="seconds"),
+        first_frame: int = Query(0, ge=0, le=settings.max_frames, description="the first frame of the answer"),
+        frames: int | None = Query(None, ge=1, le=settings.max_frames, description="frames in the answer (default: one clip's)"),
+        format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
+    ) -> Response:
+        """The frames /v1/encode would encode (same video and query), at the model's size: frames
+        first_frame.. of them, numbered as /v1/decode numbers its answer. The playground shows this
+        as the original, whatever the browser can play."""
+        engine, config = state.engine, state.config
+        count = frames or config.frames
+        if end is not None and end <= start:
+            raise RequestError(f"end ({end:g} s) must come after start ({start:g} s)")
+        if count * config.height * config.width > settings.max_decode_pixels:
+            raise RequestError(f"{count} frames of {config.width}x{config.height} pass this server's limit of "
+                               f"{settings.max_decode_pixels:,} pixels per answer: ask for fewer frames", 413)
+        upload = (await uploads.save_upload(request, settings.upload_dir)).path  # before taking a place
+        clock = RequestClock(settings.request_timeout_s)
+        with removed_afterwards(upload), engine.admit():
+            video, info, _ = await clock.run(request, metrics, "/v1/preview", media.read_frames, upload, settings.media_limits(),
+                                             (config.height, config.width), resize, fps, start, end,
+                                             max_frames=first_frame + count)
+            upload.unlink(missing_ok=True)
+            if first_frame >= len(video):
+                raise RequestError(f"the video has {len(video)} frames in the requested time range; "
+                                   f"first_frame must be below that, not {first_frame}")
+            rate = fps or info.fps or media.FALLBACK_FPS
+            payload = await clock.run(request, metrics, "/v1/preview", encode_video, video[first_frame:], rate, format or "mp4")
+        return Response(payload, media_type=VIDEO_TYPES[format or "mp4"])
 
     @app.post("/v1/decode", openapi_extra=_DECODE_BODY, response_class=Response,
               responses=_answers(*_UPLOAD_REFUSALS, ok={200: {mime: _BINARY for mime in VIDEO_TYPES.values()}}))

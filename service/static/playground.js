@@ -46,8 +46,10 @@ async function connect() {
     state.generator = info.generator;
     const c = state.model.config;
     const generator = info.generator ? `generator ${info.generator.id}` : "no generator (generation is off)";
-    say("model-info", `Model ${state.model.id}: clips of ${c.frames} frames at ${c.height}x${c.width}, ` +
-        `${state.model.tokens_per_clip} tokens per clip, on ${state.model.devices.join(", ")}; ${generator}.`);
+    const warning = state.model.warning ? ` Warning: ${state.model.warning}.` : "";
+    say("model-info", `Model ${state.model.id}: clips of ${c.frames} frames at ${c.width}x${c.height}, ` +
+        `${state.model.tokens_per_clip} tokens per clip, on ${state.model.devices.join(", ")}; ${generator}.${warning}`,
+        Boolean(state.model.warning));
     $("class-field").hidden = !(info.generator && info.generator.classes > 0);
     $("generate-button").disabled = !info.generator;
   } catch (error) {
@@ -84,7 +86,21 @@ function parseNpy(buffer) {
 async function encode(event) {
   event.preventDefault();
   const file = $("video-file").files[0];
-  if (!file) return;
+  if (file) await encodeFile(file);
+}
+
+// The sample clip the server ships (OpenCV's tree.avi, a format browsers do not play).
+async function encodeSample() {
+  try {
+    const blob = await (await fetch("/static/sample.avi")).blob();
+    $("video-file").value = "";
+    await encodeFile(new File([blob], "sample.avi", { type: "video/x-msvideo" }));
+  } catch (error) {
+    say("encode-status", `Cannot load the sample clip: ${error.message}`, true);
+  }
+}
+
+async function encodeFile(file) {
   stopPlayer();
   $("encode-result").hidden = true;
   say("encode-status", `Encoding ${file.name}...`);
@@ -92,10 +108,11 @@ async function encode(event) {
     const form = new FormData();
     form.append("file", file);
     const began = performance.now();
-    const response = await api(`/v1/encode?format=json&resize=${$("resize").value}`, { method: "POST", body: form });
+    const resize = $("resize").value;
+    const response = await api(`/v1/encode?format=json&resize=${resize}`, { method: "POST", body: form });
     state.tokensText = await response.text();
     state.tokens = JSON.parse(state.tokensText);
-    state.file = file;
+    Object.assign(state, { file, resize });
     const seconds = (performance.now() - began) / 1000;
     showTokens(state.tokens, file, seconds);
     const clips = state.tokens.xy.length;
@@ -119,7 +136,7 @@ function showTokens(tokens, file, seconds) {
   const channels = perClip[0][2];
   const count = perClip.reduce((sum, [a, b]) => sum + a * b, 0);
   const facts = {
-    "file": `${file.name} (${(file.size / 1024).toFixed(0)} KiB, ${metaValue(meta.source_size).join("x")} at ${meta.source_fps} fps)`,
+    "file": `${file.name} (${(file.size / 1024).toFixed(0)} KiB, ${sizeText(metaValue(meta.source_size))} at ${Number(Number(meta.source_fps).toFixed(2))} fps)`,
     "clips": `${clips} of ${meta.frames_per_clip} frames; valid frames ${metaValue(meta.n_frames).join(", ")}`,
     "tokens": `${count * clips} (${count} per clip: xy ${perClip[0].slice(0, 2).join("x")}, ` +
               `yt ${perClip[1].slice(0, 2).join("x")}, xt ${perClip[2].slice(0, 2).join("x")}; ${channels} channels each)`,
@@ -135,15 +152,26 @@ function showTokens(tokens, file, seconds) {
   }));
 }
 
+// The video's frames [start, stop) that clip k reconstructs: from its first frame to the next
+// clip's (metadata clip_starts, else consecutive clips of n_frames frames) or its last.
+function clipFrames(meta, k) {
+  const lengths = metaValue(meta.n_frames);
+  const starts = meta.clip_starts === undefined
+    ? lengths.map((_, i) => lengths.slice(0, i).reduce((sum, n) => sum + n, 0)) : metaValue(meta.clip_starts);
+  return [starts[k], k + 1 < starts.length ? starts[k + 1] : starts[k] + lengths[k]];
+}
+
+// "WxH" of an [height, width] pair.
+const sizeText = ([height, width]) => `${width}x${height}`;
+
 async function showClip(k) {
   stopPlayer();
   const tokens = state.tokens;
   const meta = tokens.metadata;
   say("psnr", "PSNR: computing...");
   for (const plane of ["xy", "yt", "xt"]) drawPlane($(`plane-${plane}`), tokens[plane][k], plane);
-  const perClip = Number(meta.frames_per_clip);
-  const frames = metaValue(meta.n_frames)[k];
-  const start = k * perClip;
+  const [start, stop] = clipFrames(meta, k);
+  const frames = stop - start;
   const response = await api(`/v1/decode?format=npy&start=${start}&end=${start + frames}`, {
     method: "POST", body: state.tokensText, headers: { "Content-Type": "application/json" },
   });
@@ -152,64 +180,31 @@ async function showClip(k) {
   say("encode-status", "Reconstructed. Reading the original frames...");
   let original = null;
   try {
-    original = await originalFrames(state.file, meta, start, frames, height, width);
+    original = await previewFrames(state.file, state.resize, start, frames, height, width);
   } catch (error) {
     say("psnr", `PSNR: not available (${error.message})`);
   }
   if (original) {
     const db = psnr(original, recon.data);
-    say("psnr", `PSNR ${db.toFixed(2)} dB over ${frames} frames (against the upload as this browser decodes it)`);
+    say("psnr", `PSNR ${db.toFixed(2)} dB over ${frames} frames (against the frames the server encoded)`);
   }
-  say("encode-status", `Clip ${k + 1}: ${frames} frames of ${height}x${width}.`);
+  say("encode-status", `Clip ${k + 1}: ${frames} frames of ${sizeText([height, width])}.`);
   startPlayer(original, recon.data, frames, height, width, Number(meta.fps) || 25);
 }
 
-// The clip's frames from the uploaded file, decoded by the browser and mapped to the model's size
-// with the geometry the server used (metadata "geometry": scale, crop, pad).
-async function originalFrames(file, meta, start, count, height, width) {
-  const video = document.createElement("video");
-  video.muted = true;
-  video.preload = "auto";
-  video.src = URL.createObjectURL(file);
-  try {
-    await new Promise((resolve, reject) => {
-      video.onloadeddata = resolve;
-      video.onerror = () => reject(new Error("this browser cannot play the uploaded file"));
-    });
-    const geometry = metaValue(meta.geometry);
-    const [scaledH, scaledW] = geometry.scaled;
-    const [cropTop, cropLeft, cropH, cropW] = geometry.crop;
-    const [padTop, padLeft] = geometry.pad;
-    const sx = video.videoWidth / scaledW;
-    const sy = video.videoHeight / scaledH;
-    const canvas = new OffscreenCanvas(width, height);
-    const context = canvas.getContext("2d", { willReadFrequently: true });
-    const fps = Number(meta.fps) || 25;
-    const frames = new Uint8Array(count * height * width * 3);
-    for (let i = 0; i < count; i++) {
-      await seek(video, (start + i + 0.5) / fps);
-      context.fillStyle = "black";
-      context.fillRect(0, 0, width, height);
-      context.drawImage(video, cropLeft * sx, cropTop * sy, cropW * sx, cropH * sy, padLeft, padTop, cropW, cropH);
-      const rgba = context.getImageData(0, 0, width, height).data;
-      const base = i * height * width * 3;
-      for (let p = 0, q = 0; p < rgba.length; p += 4, q += 3) {
-        frames[base + q] = rgba[p];
-        frames[base + q + 1] = rgba[p + 1];
-        frames[base + q + 2] = rgba[p + 2];
-      }
-    }
-    return frames;
-  } finally {
-    URL.revokeObjectURL(video.src);
+// The frames [start, start + count) the model was given: the upload decoded and resized by the
+// server (/v1/preview, with the encode's query), so that every format the server reads is shown
+// and scored, whether or not this browser plays it.
+async function previewFrames(file, resize, start, count, height, width) {
+  const form = new FormData();
+  form.append("file", file);
+  const params = new URLSearchParams({ format: "npy", resize, first_frame: start, frames: count });
+  const preview = parseNpy(await (await api(`/v1/preview?${params}`, { method: "POST", body: form })).arrayBuffer());
+  const [frames, h, w] = preview.shape;
+  if (frames !== count || h !== height || w !== width) {
+    throw new Error(`the preview is ${frames} frames of ${sizeText([h, w])}, not ${count} of ${sizeText([height, width])}`);
   }
-}
-
-function seek(video, time) {
-  return new Promise((resolve) => {
-    video.onseeked = () => resolve();
-    video.currentTime = Math.min(time, Math.max(0, video.duration - 1e-3));
-  });
+  return preview.data;
 }
 
 function psnr(a, b) {
@@ -249,7 +244,7 @@ function drawPlane(canvas, plane, name) {
     }
   }
   context.putImageData(image, 0, 0);
-  $(`caption-${name}`).textContent = `${name}: ${rows}x${cols}x${channels}`;
+  $(`caption-${name}`).textContent = `${name}: ${rows} rows x ${cols} columns, ${channels} channels`;
 }
 
 // ---------------------------------------------------------------- the side-by-side player
@@ -414,6 +409,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("connect").addEventListener("click", connect);
   $("api-key").addEventListener("change", connect);
   $("encode-form").addEventListener("submit", encode);
+  $("try-sample").addEventListener("click", encodeSample);
   $("clip").addEventListener("change", () => showClip(Number($("clip").value)).catch(
     (error) => say("encode-status", `Decode failed: ${error.message}`, true)));
   $("play").addEventListener("click", () => {

@@ -22,7 +22,7 @@ from tests.service.test_jobs import wait
 
 KEY = "k3y-0123456789"
 # Open without a key: liveness, readiness, metrics, and the playground page with its files.
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/", "/favicon.ico"}
 OPEN_PREFIXES = ("/static/",)
 TOKEN_TYPE = {"content-type": "application/vnd.coordtok.tokens+safetensors"}
 
