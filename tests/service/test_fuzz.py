@@ -22,7 +22,7 @@ EXAMPLES = int(os.environ.get("COORDTOK_FUZZ_EXAMPLES", "50"))
 # set (num_videos, steps) or a combination of fields (guidance above 1 without a class_label).
 CONFIG = """
 [[operations]]
-include-path-regex = "^/v1/(encode|decode)$"
+include-path-regex = "^/v1/(encode|decode|preview)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "413", "415", "422"]
 
 [[operations]]
