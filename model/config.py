@@ -64,6 +64,10 @@ class CoordTokConfig(_JSONConfig):
     dec_layers: int = 24
     dec_patch_t: int = 1
     dec_patch_xy: int = 8
+    # The decoder's learned position embedding: "full", one entry per (t, x, y) patch (the
+    # paper's: nt * nx * ny rows), or "factorised", the sum of a t, an x and a y entry
+    # (nt + nx + ny rows).
+    dec_pos_embed: str = "full"
 
     # decode_video slices the video into this many frames per decoder pass (stage-2 view size).
     decode_slice_frames: int = 16
@@ -88,6 +92,8 @@ class CoordTokConfig(_JSONConfig):
             "decode_slice_frames % dec_patch_t": self.decode_slice_frames % self.dec_patch_t,
         }
         _require_divisible(self, checks)
+        if self.dec_pos_embed not in ("full", "factorised"):
+            raise ValueError("CoordTokConfig: dec_pos_embed must be 'full' or 'factorised'")
         if not 1 <= self.decode_slice_frames <= self.frames:
             raise ValueError("CoordTokConfig: decode_slice_frames must be in [1, frames]")
 
@@ -153,11 +159,12 @@ PRESETS: dict[str, CoordTokConfig] = {
     # (1,280 tokens per 128-frame clip), narrow and shallow networks, and 4-frame decode slices
     # (1,024 patches, as many as a stage-1 step reconstructs). Its query tokens cover 2x2 cells,
     # one encoder token's worth, and its encoder is 144 wide: the layout that
-    # trainer/codec_init.py can start from a linear codec.
+    # trainer/codec_init.py can start from a linear codec. Its decoder positions are factorised
+    # (20 K parameters instead of the full table's 4.2 M, which memorised the training videos).
     "coordtok-tiny": CoordTokConfig(
         enc_dim=144, enc_heads=4, enc_vit_layers=2, enc_cross_layers=4,
         latent_patch_xy=2, latent_patch_t=2,
-        dec_dim=128, dec_heads=4, dec_layers=4, decode_slice_frames=4,
+        dec_dim=128, dec_heads=4, dec_layers=4, dec_pos_embed="factorised", decode_slice_frames=4,
     ),
 }
 

@@ -108,7 +108,10 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = c
         self.embed = nn.Linear(3 * c.latent_channels, c.dec_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, *patch_counts(c), c.dec_dim))  # [1, nt, nx, ny, D]
+        if c.dec_pos_embed == "full":
+            self.pos_embed = nn.Parameter(torch.zeros(1, *patch_counts(c), c.dec_dim))  # [1, nt, nx, ny, D]
+        else:  # one table per axis: [nt, D], [nx, D], [ny, D]
+            self.pos_embed_axes = nn.ParameterList(nn.Parameter(torch.zeros(n, c.dec_dim)) for n in patch_counts(c))
         self.blocks = nn.ModuleList(Block(c.dec_dim, c.dec_heads, qkv_bias=True) for _ in range(c.dec_layers))
         self.norm = nn.LayerNorm(c.dec_dim)
         self.to_pixels = nn.Linear(c.dec_dim, c.patch_values)
@@ -116,11 +119,18 @@ class Decoder(nn.Module):
     def forward(self, triplane: Triplane, coords: torch.Tensor) -> torch.Tensor:
         """coords [B, N, 3] (t, x, y) in [0, 1] -> patches [B, N, pt*px*py*3]."""
         features = triplane_sample(*triplane.planes(), coords)  # [B, N, 3C]
-        t, x, y = patch_indices(coords, self.config).unbind(-1)
-        h = self.embed(features) + self.pos_embed[0, t, x, y].to(features.dtype)  # [B, N, D]
+        h = self.embed(features) + self.position(coords).to(features.dtype)  # [B, N, D]
         for block in self.blocks:
             h = block(h)
         return self.to_pixels(self.norm(h))
+
+    def position(self, coords: torch.Tensor) -> torch.Tensor:
+        """The learned position embedding of the patches at coords [B, N, 3] -> [B, N, D]."""
+        t, x, y = patch_indices(coords, self.config).unbind(-1)
+        if self.config.dec_pos_embed == "full":
+            return self.pos_embed[0, t, x, y]
+        table_t, table_x, table_y = self.pos_embed_axes
+        return table_t[t] + table_x[x] + table_y[y]
 
 
 class CoordTok(nn.Module):
@@ -131,7 +141,7 @@ class CoordTok(nn.Module):
         self.decoder = Decoder(config)
         self.apply(_init_module)
         for name, param in self.named_parameters():
-            if name.endswith(("pos_embed", "cls_token")):
+            if "pos_embed" in name or name.endswith("cls_token"):
                 nn.init.trunc_normal_(param, std=0.02)
 
     def encode(self, video: torch.Tensor, n_frames: torch.Tensor | None = None) -> Triplane:

@@ -64,16 +64,6 @@ class Triplane:
         return [Triplane(*parts) for parts in zip(*(p.split(sizes) for p in self.planes()))]
 
 
-def split_clips(frames: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 frames [T, H, W, 3] -> consecutive clips [K, length, H, W, 3] (the last zero-padded)
-    and their valid frame counts [K], the model's input for a video of any length."""
-    k = -(-len(frames) // length)
-    clips = frames.new_zeros((k * length, *frames.shape[1:]))
-    clips[: len(frames)] = frames
-    n_frames = torch.tensor([min(length, len(frames) - i * length) for i in range(k)])
-    return clips.view(k, length, *frames.shape[1:]), n_frames
-
-
 def from_uint8(frames: torch.Tensor) -> torch.Tensor:
     """uint8 pixels [..., 3] -> float32 in [-1, 1]."""
     return frames.float() / 127.5 - 1.0

@@ -42,7 +42,7 @@ from starlette.routing import Match, Router
 
 from model import CoordTok, PRESETS, load_model
 from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
-from model.triplane import split_clips
+from model.clips import ClipLayout, policy_for
 from service import jobs, media, tokens, uploads
 from service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
 from service.metrics import Metrics
@@ -424,18 +424,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 upload.unlink(missing_ok=True)
             if len(frames) == 0:
                 raise RequestError("the video has no frames in the requested time range")
-            clips, n_frames = split_clips(torch.from_numpy(frames), config.frames)
-            if len(clips) > settings.max_clips:
-                raise RequestError(f"the video makes {len(clips)} clips of {config.frames} frames; at most "
+            layout = ClipLayout.plan(len(frames), config.frames, policy_for(config.reference_compat))
+            if layout.clips > settings.max_clips:
+                raise RequestError(f"the video makes {layout.clips} clips of {config.frames} frames; at most "
                                    f"{settings.max_clips} per request: send a shorter range (start/end)", 413)
+            clips = layout.cut(torch.from_numpy(frames))
             metrics.input_frames.labels("/v1/encode").inc(len(frames))
             began = time.perf_counter()
-            triplane = await unless_disconnected(request, engine.encode(clips, n_frames), metrics, "/v1/encode")
+            triplane = await unless_disconnected(request, engine.encode(clips, layout.model_n_frames()), metrics,
+                                                 "/v1/encode")
             metrics.phase.labels("/v1/encode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("encode").inc(config.tokens * len(clips))
             meta = {
                 "model_id": state.model_id, "weights_sha256": state.sha256,
-                "frames_per_clip": str(config.frames), "n_frames": json.dumps(n_frames.tolist()),
+                "frames_per_clip": str(config.frames), "n_frames": json.dumps(list(layout.lengths)),
+                "clip_starts": json.dumps(list(layout.starts)), "clip_policy": layout.policy,
                 "source_fps": f"{info.fps:g}", "fps": f"{fps or info.fps or media.FALLBACK_FPS:g}",
                 "source_size": json.dumps([info.height, info.width]),
                 "geometry": json.dumps({"policy": geometry.policy, "scaled": geometry.scaled,
@@ -500,8 +503,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.body_bytes.labels("/v1/decode").observe(len(upload.data))
             fmt = _token_format(upload)
             parsed = await run_in_threadpool(tokens.parse, upload.data, fmt, config, settings.max_clips, state.model_id)
-            lengths = _clip_lengths(parsed, config.frames)
-            total = sum(lengths)
+            layout = _clip_layout(parsed, config.frames)
+            total = layout.total
             stop = total if end is None else end
             if not start < stop <= total:
                 raise RequestError(f"the frame range [{start}, {stop}) must lie within the {total} frames of these tokens")
@@ -516,12 +519,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    f"{' or without restore_size' if geometry else ''}", 413)
             metrics.input_frames.labels("/v1/decode").inc(stop - start)
             began = time.perf_counter()
+            wanted = layout.pieces(start, stop)
             pieces = await unless_disconnected(request, asyncio.gather(*(
-                engine.decode(parsed.triplane[k], (a, b)) for k, (a, b) in clip_ranges(lengths, config.frames, start, stop)
+                engine.decode(parsed.triplane[k], frames) for k, frames, _ in wanted
             )), metrics, "/v1/decode")
             metrics.phase.labels("/v1/decode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("decode").inc(config.tokens * len(pieces))
-            video = torch.cat([p[0] for p in pieces]).numpy()
+            video = torch.cat([piece[0][index] for piece, (_, _, index) in zip(pieces, wanted)]).numpy()
             if geometry is not None:
                 video = await clock.run(request, metrics, "/v1/decode", media.restore_source_size, video, geometry)
             began = time.perf_counter()
@@ -727,27 +731,24 @@ def _authorised(header: str, keys: list[bytes]) -> bool:
     return any([hmac.compare_digest(token.encode(), key) for key in keys])
 
 
-def clip_ranges(lengths: list[int], frames_per_clip: int, start: int, stop: int) -> list[tuple[int, tuple[int, int]]]:
-    """Global frames [start, stop) -> (clip index, local range) for every clip they touch."""
-    ranges = []
-    for k, length in enumerate(lengths):
-        first = k * frames_per_clip
-        a, b = max(start, first), min(stop, first + length)
-        if a < b:
-            ranges.append((k, (a - first, b - first)))
-    return ranges
-
-
-def _clip_lengths(parsed: tokens.Tokens, frames_per_clip: int) -> list[int]:
-    """Valid frames of each clip, from the metadata (every clip whole when absent)."""
+def _clip_layout(parsed: tokens.Tokens, frames_per_clip: int) -> ClipLayout:
+    """Where the tokens' clips lie in their video (model/clips.py), from the metadata: 'n_frames'
+    (source frames per clip; every clip whole when absent), 'clip_starts' (default: consecutive,
+    by the running sum of 'n_frames') and 'clip_policy' (default "pad", what servers wrote before
+    the policy was recorded)."""
+    meta = parsed.metadata
     try:
-        lengths = json.loads(parsed.metadata.get("n_frames", "null")) or [frames_per_clip] * parsed.clips
+        lengths = json.loads(meta.get("n_frames", "null")) or [frames_per_clip] * parsed.clips
         lengths = [int(n) for n in lengths]
+        starts = json.loads(meta["clip_starts"]) if "clip_starts" in meta else [sum(lengths[:k]) for k in range(len(lengths))]
     except (TypeError, ValueError, OverflowError, RecursionError):
-        raise tokens.TokenError("metadata 'n_frames' must be a JSON list of frame counts") from None
-    if len(lengths) != parsed.clips or not all(1 <= n <= frames_per_clip for n in lengths):
-        raise tokens.TokenError(f"metadata 'n_frames' must list {parsed.clips} counts in [1, {frames_per_clip}]")
-    return lengths
+        raise tokens.TokenError("metadata 'n_frames' and 'clip_starts' must be JSON lists of frame counts") from None
+    if len(lengths) != parsed.clips or len(starts) != parsed.clips:
+        raise tokens.TokenError(f"metadata 'n_frames' and 'clip_starts' must list {parsed.clips} values, one per clip")
+    try:
+        return ClipLayout(tuple(starts), tuple(lengths), frames_per_clip, meta.get("clip_policy", "pad"))
+    except ValueError as error:
+        raise tokens.TokenError(f"metadata describes an impossible clip layout: {error}") from None
 
 
 def _restorable_geometry(parsed: tokens.Tokens, config, limits: media.MediaLimits) -> media.Geometry:

@@ -52,6 +52,7 @@ from safetensors import SafetensorError
 
 from model import LatentStats, SiT, Triplane, generate_triplanes
 from model.checkpoint import DEFAULT_GENERATOR, file_sha256
+from model.clips import policy_for
 from model.checkpoint import load_generator as load_sit
 from model.config import CoordTokConfig
 from model.transport import SAMPLERS, SamplingCancelled
@@ -496,7 +497,8 @@ def render(request: dict, k: int, triplane: Triplane, frames: np.ndarray | None,
 def token_identity(config: CoordTokConfig, model_id: str, sha256: str, generator_id: str) -> dict[str, str]:
     """Metadata that generated token files carry, so that /v1/decode accepts them."""
     return {"model_id": model_id, "weights_sha256": sha256, "frames_per_clip": str(config.frames),
-            "n_frames": json.dumps([config.frames]), "generator": generator_id}
+            "n_frames": json.dumps([config.frames]), "clip_starts": "[0]", "clip_policy": policy_for(config.reference_compat),
+            "generator": generator_id}
 
 
 def groups(num_videos: int, batch_size: int) -> list[range]:

@@ -303,7 +303,8 @@ def fit_decoder(model: CoordTok, clips: torch.Tensor, n_frames: torch.Tensor, sa
     dec.embed.weight[:f, :f] = torch.eye(f)
     nn.init.zeros_(dec.embed.bias)
     dec.embed.bias[f + 1], dec.embed.bias[f + 2] = PATTERN, -PATTERN
-    nn.init.zeros_(dec.pos_embed)
+    for table in ([dec.pos_embed] if c.dec_pos_embed == "full" else dec.pos_embed_axes):
+        nn.init.zeros_(table)
     for blk in dec.blocks:
         _zero_branch(blk.attn.proj, blk.mlp.fc2)
     keep = torch.zeros(d)

@@ -48,6 +48,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
 
     fps: float = 0.0  # resample videos to this frame rate (0: keep the source rate)
+    # Random views of the training clips (trainer/data.py `Augment`: crops, flips, time reversal,
+    # strides, short clips); `augment_options` overrides its fields, e.g. {"min_scale": 0.5}.
+    augment: bool = False
+    augment_options: dict = field(default_factory=dict)
     clips_per_video: int = 1
     cache: bool = False  # keep decoded videos in memory
     workers: int = 2

@@ -1,27 +1,34 @@
 """Training data: folders of video files -> fixed-length clips for CoordTok.
 
-Videos are decoded by `service.media` (the server's decoder), resized with the paper's policy
-(short side resized, centre-cropped) and cut into clips of T frames at a random start. A video
-shorter than T is padded with -1 after its last frame and returned with its real frame count, as
-the paper does for UCF-101.
+Videos are decoded by `service.media` (the server's decoder) and cut into clips of T frames at a
+random start. Without augmentation a frame is resized with the paper's policy (short side resized,
+centre-cropped); with `Augment`, each clip is a random view (resized square crop, flip, time
+reversal, frame stride, short clip). A window shorter than T becomes a full clip by the model's clip
+policy (`model.clips`): stretched in time for native models, padded with -1 after its last frame
+and returned with its real frame count for the authors' checkpoints (as the paper does for UCF-101).
 """
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from model.clips import ClipLayout
 from model.triplane import from_uint8
 from service.media import FALLBACK_FPS, MediaError, MediaLimits, VideoInfo, probe, read_frames
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".flv", ".ogv", ".wmv", ".3gp", ".mts", ".m2ts"}
+    {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".mpv", ".flv", ".ogv", ".wmv", ".3gp",
+     ".mts", ".m2ts", ".gif"}
 )
 # What "cannot be read" means for a file: the media layer's errors, FFmpeg's own, and I/O errors.
 UNREADABLE = (MediaError, av.error.FFmpegError, OSError)
@@ -40,20 +47,48 @@ def list_videos(root: str | Path) -> list[Path]:
     )
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Random views of the training videos, drawn per item.
+
+    A window of frames is taken at a random frame stride from `strides` (the largest the video
+    allows when it is too short for the one drawn); with probability `short` it is a short clip of
+    `short_min`..T-1 frames instead. Frames are decoded with their short side at `zoom` times the
+    model's frame size, then a square crop whose side is a fraction in [`min_scale`, 1] of the short
+    side (at a random place) is resized to the model's frame size. The clip is flipped left-right
+    with probability `flip` and played backwards with probability `reverse`.
+    """
+
+    min_scale: float = 0.4
+    zoom: float = 1.5
+    flip: float = 0.5
+    reverse: float = 0.5
+    strides: tuple[int, ...] = (1, 2, 3)
+    short: float = 0.15
+    short_min: int = 8
+
+    def __post_init__(self) -> None:
+        if not (0 < self.min_scale <= 1 and self.zoom >= 1 and 0 <= self.flip <= 1 and 0 <= self.reverse <= 1
+                and 0 <= self.short < 1 and self.short_min >= 1 and self.strides and min(self.strides) >= 1):
+            raise ValueError(f"invalid augmentation settings: {self}")
+
+
 class VideoClips(Dataset):
     """Random clips of `frames` frames at `height` x `width` from a list of video files.
 
     Item `i` is a clip of file `i % len(files)`; `clips_per_video` repeats the list so that one
     epoch visits long videos several times. Each item returns `(video, n_frames)`: float32
-    `[T, H, W, 3]` in [-1, 1] and the number of real frames (frames past it are -1).
+    `[T, H, W, 3]` in [-1, 1] and the number of valid frames the encoder is given (T, except for a
+    padded clip under the "pad" clip policy, whose frames past it are -1).
 
     Clips are taken on a time grid of `fps` frames per second (the source's own rate when None):
-    frame `k` of a video is its frame nearest to `k / fps`. The random start is drawn from a
-    generator seeded by (seed, epoch, index, file), so a clip depends only on those; call
-    `set_epoch` at the start of every epoch (the epoch lives in shared memory, so persistent
-    DataLoader workers see it). Without `cache`, only the clip's time range is decoded (seeking
-    to its start); with `cache`, each video is decoded whole once and kept in memory as uint8, which
-    gives the same clips and suits small corpora (each DataLoader worker holds its own cache).
+    frame `k` of a video is its frame nearest to `k / fps`. The random start (and the random view,
+    with `augment`) is drawn from a generator seeded by (seed, epoch, index, file), so a clip
+    depends only on those; call `set_epoch` at the start of every epoch (the epoch lives in shared
+    memory, so persistent DataLoader workers see it). Without `cache`, only the clip's time range is
+    decoded (seeking to its start); with `cache`, each video is decoded whole once and kept in memory
+    as uint8, which gives the same clips and suits small corpora (each DataLoader worker holds its
+    own cache).
 
     A file that cannot be read is skipped with one warning, and the item is taken from the next
     readable file in the list instead. `skipped` counts the unreadable files met by this process:
@@ -71,6 +106,8 @@ class VideoClips(Dataset):
         cache: bool = False,
         clips_per_video: int = 1,
         seed: int = 0,
+        policy: str = "stretch",
+        augment: Augment | None = None,
     ):
         if not files:
             raise ValueError("no video files given")
@@ -83,6 +120,8 @@ class VideoClips(Dataset):
         self.cache = cache
         self.clips_per_video = clips_per_video
         self.seed = seed
+        self.policy = policy
+        self.augment = augment
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._infos: dict[Path, VideoInfo] = {}
         self._videos: dict[Path, np.ndarray] = {}
@@ -117,7 +156,13 @@ class VideoClips(Dataset):
                 self._unreadable.add(path)
                 log.warning("skipping unreadable video %s: %s: %s", path, type(e).__name__, e)
                 continue
-            return _pad_clip(window, self.frames), len(window)
+            if self.augment:
+                window = self._view(window, rng)
+            layout = ClipLayout.plan(len(window), self.frames, self.policy)
+            clip = layout.cut(from_uint8(torch.from_numpy(window)))[0]
+            if layout.policy == "pad":
+                clip[len(window):] = -1.0
+            return clip, int(layout.model_n_frames()[0])
         raise RuntimeError(f"none of the {n} video files could be read (see the warnings logged for each)")
 
     def _info(self, path: Path) -> VideoInfo:
@@ -126,35 +171,68 @@ class VideoClips(Dataset):
         return self._infos[path]
 
     def _window(self, path: Path, rng: np.random.Generator) -> np.ndarray:
-        """Up to T frames of `path` from a random grid start: uint8 [t, H, W, 3], 1 <= t <= T.
-        The start is drawn from the header's frame count; if the header over-counts and the window
-        falls past the end, the clip starts at frame 0 instead."""
+        """Frames of `path` from a random grid start: uint8 [t, h, w, 3], 1 <= t <= T. With
+        `augment` they are every stride-th frame, at the decode size. The start is drawn from the
+        header's frame count; if the header over-counts and the window falls past the end, the clip
+        starts at frame 0 instead."""
         info = self._info(path)
         rate = self.fps or info.fps or FALLBACK_FPS
-        start = int(rng.integers(0, max(info.frames_at(rate) - self.frames, 0) + 1))
-        window = self._decode(path, rate, start)
+        available = info.frames_at(rate)
+        frames, stride = self._draw_length(available, rng)
+        start = int(rng.integers(0, max(available - frames * stride, 0) + 1))
+        window = self._decode(path, info, rate, start, frames * stride)
         if len(window) == 0 and start > 0:
-            window = self._decode(path, rate, 0)
+            window = self._decode(path, info, rate, 0, frames * stride)
         if len(window) == 0:
             raise MediaError(f"{path} has no frames")
-        return window
+        return window[::stride]
 
-    def _decode(self, path: Path, rate: float, start: int) -> np.ndarray:
-        """Frames `start .. start+T-1` of `path` on the grid of `rate` fps: uint8 [t, H, W, 3]."""
-        size = (self.height, self.width)
+    def _draw_length(self, available: int, rng: np.random.Generator) -> tuple[int, int]:
+        """(frames, stride) of the next window: (T, 1) without `augment`; with it, a short clip's
+        length with probability `short`, and a stride the video is long enough for."""
+        if not self.augment:
+            return self.frames, 1
+        a = self.augment
+        stride = int(rng.choice(a.strides))
+        frames = self.frames
+        if self.frames > 1 and rng.random() < a.short:
+            frames = int(rng.integers(min(a.short_min, self.frames - 1), self.frames))
+        return frames, max(1, min(stride, available // frames))
+
+    def _decode(self, path: Path, info: VideoInfo, rate: float, start: int, length: int) -> np.ndarray:
+        """Frames `start .. start+length-1` of `path` on the grid of `rate` fps: uint8 [t, h, w, 3]."""
+        size = self._decode_size(info)
         if not self.cache:
             frames, _, _ = read_frames(
-                path, self.limits, size=size, resize="crop", fps=rate, start_s=start / rate, max_frames=self.frames
+                path, self.limits, size=size, resize="crop", fps=rate, start_s=start / rate, max_frames=length
             )
             return frames
         if path not in self._videos:
             self._videos[path], _, _ = read_frames(path, self.limits, size=size, resize="crop", fps=rate)
-        return self._videos[path][start:start + self.frames]
+        return self._videos[path][start:start + length]
 
+    def _decode_size(self, info: VideoInfo) -> tuple[int, int]:
+        """The model's frame size, or with `augment` the source's aspect (at most 2:1) with its
+        short side at `zoom` times the model's."""
+        if not self.augment:
+            return self.height, self.width
+        short = math.ceil(self.augment.zoom * max(self.height, self.width))
+        h, w = max(info.height, 1), max(info.width, 1)
+        aspect = min(max(w / h, 0.5), 2.0)
+        return (short, round(short * aspect)) if aspect >= 1 else (round(short / aspect), short)
 
-def _pad_clip(window: np.ndarray, frames: int) -> torch.Tensor:
-    """uint8 [t, H, W, 3] -> float32 [frames, H, W, 3] in [-1, 1], padded with -1 after frame t."""
-    clip = torch.full((frames, *window.shape[1:]), -1.0)
-    clip[: len(window)] = from_uint8(torch.from_numpy(window))
-    return clip
-
+    def _view(self, window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random view of a decoded window [t, h, w, 3] (see `Augment`) -> uint8 [t, H, W, 3]."""
+        a = self.augment
+        h, w = window.shape[1:3]
+        side = round(min(h, w) * rng.uniform(a.min_scale, 1.0))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(window[:, top:top + side, left:left + side]))
+        crop = crop.permute(0, 3, 1, 2).float()  # [t, 3, side, side]
+        view = F.interpolate(crop, size=(self.height, self.width), mode="bilinear", antialias=True, align_corners=False)
+        view = view.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        if rng.random() < a.flip:
+            view = view.flip(2)
+        if rng.random() < a.reverse:
+            view = view.flip(0)
+        return view.contiguous().numpy()

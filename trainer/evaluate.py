@@ -6,11 +6,14 @@ baseline at the same float budget.
         [--max-clips N] [--json OUT] [--device cpu]
 
 Every video under DIR (recursive) is decoded at the model's frame size (scaled to cover it,
-then centre-cropped) and cut into consecutive clips of the model's frame count; the last clip of a
-video is padded with -1 and encoded with its real frame count, and every metric covers only the
-real frames. Each clip is encoded and decoded by the model, and separately compressed by
-`trainer.metrics.trilinear_baseline` to `tokens * latent_channels` floats (the model's latent
-size). Metrics: PSNR and SSIM (`trainer.metrics`), LPIPS-VGG when weights are given, and
+then centre-cropped; its first `--max-frames` frames when given) and cut into clips by the model's
+clip policy (`model.clips`: full clips with an overlapping last clip, or one stretched clip for a
+video shorter than a clip; -1 padding for the authors' checkpoints), as the server does. A clip is
+scored on the frames the stitched video takes from it. The trilinear baseline
+(`trainer.metrics.trilinear_baseline`) compresses the real frames the clip holds to
+`tokens * latent_channels` floats (the model's latent size) and is scored on the same frames. Each
+clip row also has the per-frame PSNR of its last 4 frames (`last4`), the end where padding used to
+leak in. Metrics: PSNR and SSIM (`trainer.metrics`), LPIPS-VGG when weights are given, and
 ColorVideoVDP (JOD, display "standard_4k", on uint8 frames at the video's frame rate) when the
 `cvvdp` package (import name `pycvvdp`) is installed; it is not a dependency of this project.
 Means are over clips.
@@ -27,7 +30,8 @@ import torch
 
 from model import PRESETS, CoordTok, load_model
 from model.checkpoint import file_sha256
-from model.triplane import from_uint8, split_clips, to_uint8
+from model.clips import POLICIES, ClipLayout, policy_for
+from model.triplane import from_uint8, to_uint8
 from service.media import FALLBACK_FPS, MediaError, MediaLimits, read_frames
 from trainer.data import list_videos
 from trainer.lpips import LPIPS, load_lpips, lpips_video
@@ -50,7 +54,9 @@ def score(
     reference: torch.Tensor, reconstruction: torch.Tensor, lpips: LPIPS | None, cvvdp, fps: float
 ) -> dict[str, float]:
     """Metrics of one clip: reference and reconstruction [1, n, H, W, 3] in [-1, 1]."""
-    scores = {"psnr": psnr(reconstruction, reference).item(), "ssim": ssim(reconstruction, reference).item()}
+    scores = {"psnr": psnr(reconstruction, reference).item(), "ssim": ssim(reconstruction, reference).item(),
+              "last4": [psnr(reconstruction[:, i : i + 1], reference[:, i : i + 1]).item()
+                        for i in range(max(0, reference.shape[1] - 4), reference.shape[1])]}
     if lpips is not None:
         device = next(lpips.parameters()).device
         scores["lpips"] = lpips_video(lpips, reconstruction.to(device), reference.to(device)).item()
@@ -62,10 +68,10 @@ def score(
 
 def reconstruct(model: CoordTok, clips: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
     """Encode and decode clips (uint8 [B, frames, H, W, 3] with n_frames [B] valid) ->
-    [B, max n_frames, H, W, 3] in [-1, 1] (clamped), on the model's device."""
+    [B, frames, H, W, 3] in [-1, 1] (clamped), on the model's device."""
     device = next(model.parameters()).device
     triplane = model.encode(from_uint8(clips.to(device)), n_frames.to(device))
-    return model.decode_video(triplane, frames=(0, int(n_frames.max()))).float().clamp(-1, 1)
+    return model.decode_video(triplane).float().clamp(-1, 1)
 
 
 def evaluate(
@@ -75,14 +81,19 @@ def evaluate(
     max_clips: int | None = None,
     batch_size: int = 4,
     limits: MediaLimits = MediaLimits(),
+    max_frames: int | None = None,
+    policy: str | None = None,
 ) -> dict:
-    """Score `model` and the trilinear baseline on the clips of `videos` (at most `max_clips`).
+    """Score `model` and the trilinear baseline on the clips of `videos` (at most `max_clips`;
+    the first `max_frames` frames of each video when given), cut by the clip `policy` (default:
+    the model's; "pad" on a native model measures the -1 padding of the public implementation).
 
     Returns {"budget_floats", "baseline_grid" (of a full clip), "clip_frames", "size", "lpips",
     "cvvdp" (what was computed, or why not), "clips": one row per clip, "videos": per-video
     means, "mean": means over all clips, "skipped": videos that could not be read}. A clip row is
-    {"video", "clip", "start_frame", "n_frames", "baseline_grid", "coordtok": scores,
-    "baseline": scores}, scores being {"psnr", "ssim", "lpips"?, "jod"?}.
+    {"video", "clip", "start_frame", "n_frames" (frames scored), "baseline_grid", "coordtok":
+    scores, "baseline": scores}, scores being {"psnr", "ssim", "last4" (PSNR of each of the last
+    4 frames), "lpips"?, "jod"?}.
     """
     c = model.config
     budget = c.tokens * c.latent_channels
@@ -94,24 +105,23 @@ def evaluate(
             if remaining is not None and remaining <= 0:
                 break
             try:
-                frames, info, _ = read_frames(
-                    path, limits, size=(c.height, c.width), resize="crop",
-                    max_frames=None if remaining is None else remaining * c.frames,
-                )
+                frames, info, _ = read_frames(path, limits, size=(c.height, c.width), resize="crop", max_frames=max_frames)
             except MediaError as error:
                 skipped.append({"video": str(path), "error": f"{type(error).__name__}: {error}"})
                 continue
             if len(frames) == 0:
                 skipped.append({"video": str(path), "error": "no frames decoded"})
                 continue
-            clips, n_frames = split_clips(torch.from_numpy(frames), c.frames)
+            frames = torch.from_numpy(frames)
+            layout = ClipLayout.plan(len(frames), c.frames, policy or policy_for(c.reference_compat))
+            count = layout.clips if remaining is None else min(layout.clips, remaining)
+            clips, n_frames = layout.cut(frames), layout.model_n_frames()
             fps = info.fps or FALLBACK_FPS
-            for first in range(0, len(clips), batch_size):
-                batch = slice(first, first + batch_size)
+            for first in range(0, count, batch_size):
+                batch = slice(first, min(first + batch_size, count))
                 decoded = reconstruct(model, clips[batch], n_frames[batch])
-                for i, n in enumerate(n_frames[batch].tolist()):
-                    k = first + i
-                    rows.append(_clip_row(path, k, k * c.frames, clips[k, :n], decoded[i : i + 1, :n], budget, lpips, cvvdp, fps))
+                for i, k in enumerate(range(batch.start, batch.stop)):
+                    rows.append(_clip_row(path, layout, k, frames, decoded[i], budget, lpips, cvvdp, fps))
     return {
         "budget_floats": budget,
         "baseline_grid": list(baseline_grid((c.frames, c.height, c.width), budget)),
@@ -126,15 +136,19 @@ def evaluate(
     }
 
 
-def _clip_row(path, index, start, clip, decoded, budget, lpips, cvvdp, fps) -> dict:
-    """Scores of one clip: uint8 `clip` tensor [n, H, W, 3], the model's `decoded` [1, n, H, W, 3]
-    (metrics run on its device)."""
-    reference = from_uint8(clip)[None].to(decoded.device)  # [1, n, H, W, 3]
-    baseline, grid = trilinear_baseline(reference, budget)
+def _clip_row(path, layout: ClipLayout, k: int, frames, decoded, budget, lpips, cvvdp, fps) -> dict:
+    """Scores of clip k of a video: its uint8 `frames` [L, H, W, 3] and the model's `decoded` clip
+    [T, H, W, 3] in [-1, 1] (metrics run on its device), on the frames the video takes from it."""
+    (_, (a, b), index), = layout.pieces(*layout.keep(k))
+    first, end = layout.keep(k)
+    held = from_uint8(frames[layout.starts[k] : layout.starts[k] + layout.lengths[k]])[None].to(decoded.device)
+    baseline, grid = trilinear_baseline(held, budget)  # [1, length, H, W, 3]
+    kept = slice(first - layout.starts[k], end - layout.starts[k])
+    reference, reconstruction = held[:, kept], decoded[a:b][index][None]
     return {
-        "video": str(path), "clip": index, "start_frame": start, "n_frames": len(clip), "baseline_grid": list(grid),
-        "coordtok": score(reference, decoded, lpips, cvvdp, fps),
-        "baseline": score(reference, baseline, lpips, cvvdp, fps),
+        "video": str(path), "clip": k, "start_frame": first, "n_frames": end - first, "baseline_grid": list(grid),
+        "coordtok": score(reference, reconstruction, lpips, cvvdp, fps),
+        "baseline": score(reference, baseline[:, kept], lpips, cvvdp, fps),
     }
 
 
@@ -142,7 +156,7 @@ def _means(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Mean of every score over `rows`, per method."""
     if not rows:
         return {}
-    return {m: {k: float(np.mean([r[m][k] for r in rows])) for k in rows[0][m]} for m in METHODS}
+    return {m: {k: float(np.mean([r[m][k] for r in rows])) for k in rows[0][m] if k != "last4"} for m in METHODS}
 
 
 def _video_means(rows: list[dict]) -> list[dict]:
@@ -189,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lpips-backbone", type=Path, help="torchvision's vgg16-397923af.pth")
     parser.add_argument("--lpips-linear", type=Path, help="the lpips package's weights/v0.1/vgg.pth")
     parser.add_argument("--max-clips", type=int, default=None)
+    parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video")
+    parser.add_argument("--clip-policy", choices=POLICIES, default=None, help="default: the model's (model/clips.py)")
     parser.add_argument("--batch", type=int, default=4, help="clips per encode/decode call")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:
         parser.error(str(error))
     result = {"model": model_id(args.model), "config": json.loads(model.config.to_json()),
-              **evaluate(model, videos, lpips=lpips, max_clips=args.max_clips, batch_size=args.batch)}
+              **evaluate(model, videos, lpips=lpips, max_clips=args.max_clips, batch_size=args.batch,
+                        max_frames=args.max_frames, policy=args.clip_policy)}
     print(format_table(result))
     print(f"LPIPS: {result['lpips']}; ColorVideoVDP: {result['cvvdp']}; baseline grid {result['baseline_grid']} "
           f"for {result['budget_floats']} floats per clip")

@@ -60,6 +60,7 @@ def export_model(model: CoordTok, dataset: Dataset, path: str | Path, metadata: 
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from model.clips import policy_for
     from trainer.data import VideoClips, list_videos
 
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     train, c = run["train"], model.config
     files = [p for p in list_videos(train["videos"]) if p.name not in set(train["exclude"])]
     dataset = VideoClips(files, frames=c.frames, height=c.height, width=c.width, fps=train["fps"] or None,
-                         cache=False, clips_per_video=1, seed=train["seed"])
+                         cache=False, clips_per_video=1, seed=train["seed"], policy=policy_for(c.reference_compat))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     export_model(model, dataset, args.output, {"git_commit": run["git_commit"], "steps": str(state["step"]),
                                                 "stage": str(train["stage"])}, clips=args.clips, dtype=dtype)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from model import CoordTok, LatentStats, SiT, Triplane, load_model, save_generator, sit_preset
 from model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
+from model.clips import policy_for
 from model.generate import flatten, unflatten
 from model.transport import training_loss
 from model.triplane import PLANES
@@ -165,7 +166,7 @@ class GeneratorTrainer(TrainLoop):
         by_class = [[f for f, label in zip(files, labels) if label == k] for k in range(max(labels) + 1)]
         clips = LabelledClips([
             VideoClips(group, frames=c.frames, height=c.height, width=c.width, fps=config.fps or None,
-                       clips_per_video=config.clips_per_video, seed=config.seed)
+                       clips_per_video=config.clips_per_video, seed=config.seed, policy=policy_for(c.reference_compat))
             for group in by_class
         ])
         rank, world = self.dist.rank, self.dist.world_size

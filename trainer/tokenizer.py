@@ -23,7 +23,8 @@ from model.triplane import patches_to_video
 from trainer import distributed, loop
 from trainer.codec_init import codec_init
 from trainer.config import TrainConfig
-from trainer.data import VideoClips, list_videos
+from model.clips import policy_for
+from trainer.data import Augment, VideoClips, list_videos
 from trainer.ema import EMA
 from trainer.export import export_model
 from trainer.losses import patch_mse
@@ -55,6 +56,8 @@ class Trainer(TrainLoop):
         self.dataset = VideoClips(
             files, frames=c.frames, height=c.height, width=c.width, fps=config.fps or None,
             cache=config.cache, clips_per_video=config.clips_per_video, seed=config.seed,
+            policy=policy_for(c.reference_compat),
+            augment=Augment(**config.augment_options) if config.augment else None,
         )
         if config.init == "codec":
             codec_init(self.model, *self.init_clips())

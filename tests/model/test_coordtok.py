@@ -178,15 +178,6 @@ def test_triplane_batch_helpers():
         Triplane(planes[0], planes[1][:2], planes[2])
 
 
-def test_split_clips_pads_the_last_clip_and_keeps_its_length():
-    from model.triplane import split_clips
-
-    frames = torch.arange(20 * 2 * 2 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(20, 2, 2, 3)
-    clips, n_frames = split_clips(frames, 8)
-    assert clips.shape == (3, 8, 2, 2, 3) and n_frames.tolist() == [8, 8, 4]
-    assert torch.equal(clips[2, :4], frames[16:]) and not clips[2, 4:].any()
-
-
 def test_uint8_round_trip_and_triplane_split():
     from model.triplane import from_uint8, to_uint8
 

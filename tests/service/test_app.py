@@ -61,10 +61,11 @@ def test_encode_returns_tokens_of_every_clip_with_metadata(client):
     response = client.post("/v1/encode", content=video_file(20), headers={"content-type": "video/mp4"})
     assert response.status_code == 200, response.text
     tensors = load_safetensors(response.content)
-    assert tensors["xy"].shape == (3, 4, 4, 4)  # 20 frames -> clips of 8, 8 and 4
+    assert tensors["xy"].shape == (3, 4, 4, 4)  # 20 frames -> full clips at frames 0, 8 and 12
     header_len = int.from_bytes(response.content[:8], "little")
     meta = json.loads(response.content[8 : 8 + header_len])["__metadata__"]
-    assert json.loads(meta["n_frames"]) == [8, 8, 4] and meta["source_size"] == "[24, 32]"
+    assert json.loads(meta["n_frames"]) == [8, 8, 8] and json.loads(meta["clip_starts"]) == [0, 8, 12]
+    assert meta["clip_policy"] == "stretch" and meta["source_size"] == "[24, 32]"
 
 
 @pytest.mark.parametrize("fmt", ["npz", "json"])
@@ -164,7 +165,8 @@ def test_sync_client_against_a_running_server(weights, tmp_path):
         (tmp_path / "clip.mp4").write_bytes(video_file(12))
         with Client(f"http://127.0.0.1:{port}") as client:
             tokens = client.encode(tmp_path / "clip.mp4")
-            assert tokens.clips == 2 and tokens.metadata["n_frames"] == "[8, 4]"
+            assert tokens.clips == 2 and tokens.metadata["n_frames"] == "[8, 8]"
+            assert tokens.metadata["clip_starts"] == "[0, 4]"
             assert client.decode_frames(tokens, frames=(3, 11)).shape == (8, 16, 16, 3)
             with pytest.raises(ServerError, match="422"):
                 client.decode_frames(tokens, frames=(0, 40))

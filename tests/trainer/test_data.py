@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from service.media import write_video
-from trainer.data import VideoClips, list_videos
+from trainer.data import Augment, VideoClips, list_videos
 
 T, H, W = 8, 32, 32
 
@@ -68,17 +68,57 @@ def test_clip_shape_and_value_range(corpus):
         assert video.std() > 0
 
 
-def test_short_video_is_padded_with_minus_one(corpus):
-    video, n_frames = VideoClips([corpus / "ClassB" / "short.mp4"], T, H, W)[0]
+def test_short_video_is_padded_with_minus_one_under_the_pad_policy(corpus):
+    video, n_frames = VideoClips([corpus / "ClassB" / "short.mp4"], T, H, W, policy="pad")[0]
     assert n_frames == 5
     assert torch.all(video[5:] == -1)
     assert torch.all(video[:5].flatten(1).max(dim=1).values > -1)
 
 
+def test_short_video_is_stretched_to_a_full_clip_by_default(corpus):
+    video, n_frames = VideoClips([corpus / "ClassB" / "short.mp4"], T, H, W)[0]
+    padded, _ = VideoClips([corpus / "ClassB" / "short.mp4"], T, H, W, policy="pad")[0]
+    assert n_frames == T
+    # Clip frame j holds source frame floor(j * 5 / 8): 0 0 1 1 2 3 3 4.
+    for j, source in enumerate([0, 0, 1, 1, 2, 3, 3, 4]):
+        torch.testing.assert_close(video[j], padded[source], rtol=0, atol=0)
+
+
+def test_augmented_views_vary_and_stay_in_range(corpus):
+    files = [corpus / "ClassA" / "long.mp4", corpus / "ClassB" / "nested" / "odd.mkv"]
+    plain = VideoClips(files, T, H, W, seed=2)
+    augmented = VideoClips(files, T, H, W, seed=2, cache=True, clips_per_video=8,
+                           augment=Augment(min_scale=0.5, strides=(1, 2, 3), short=0.5, short_min=2))
+    items = [augmented[i] for i in range(len(augmented))]
+    assert all(v.shape == (T, H, W, 3) and n == T and -1 <= v.min() and v.max() <= 1 for v, n in items)
+    assert not torch.equal(items[0][0], plain[0][0])
+    # Different draws give different views of the same file; the same draw gives the same view.
+    assert len({round(float(v.mean()), 4) for v, _ in items[::2]}) > 1
+    torch.testing.assert_close(augmented[3][0], items[3][0], rtol=0, atol=0)
+
+
+def test_augment_flips_and_reverses(corpus):
+    path = [corpus / "ClassA" / "long.mp4"]
+    base = dict(min_scale=1.0, zoom=1.0, strides=(1,), short=0.0)
+    plain = VideoClips(path, T, H, W, augment=Augment(flip=0.0, reverse=0.0, **base))[0][0]
+    flipped = VideoClips(path, T, H, W, augment=Augment(flip=1.0, reverse=0.0, **base))[0][0]
+    reversed_ = VideoClips(path, T, H, W, augment=Augment(flip=0.0, reverse=1.0, **base))[0][0]
+    torch.testing.assert_close(flipped, plain.flip(2), rtol=0, atol=0)
+    torch.testing.assert_close(reversed_, plain.flip(0), rtol=0, atol=0)
+
+
+def test_augment_stride_skips_frames(corpus):
+    path = [corpus / "ClassA" / "long.mp4"]  # 40 frames, each brighter than the one before
+    base = dict(min_scale=1.0, zoom=1.0, flip=0.0, reverse=0.0, short=0.0)
+    one = VideoClips(path, T, H, W, augment=Augment(strides=(1,), **base))[0][0].mean(dim=(1, 2, 3))
+    three = VideoClips(path, T, H, W, augment=Augment(strides=(3,), **base))[0][0].mean(dim=(1, 2, 3))
+    assert (three[-1] - three[0]) > 2 * (one[-1] - one[0])
+
+
 def test_fps_resampling_changes_the_time_grid(corpus):
     path = corpus / "ClassA" / "long.mp4"  # 40 frames at 30 fps: 20 at 15 fps, 4 at 3 fps
-    assert VideoClips([path], 32, H, W, fps=15)[0][1] == 20
-    sparse, n_frames = VideoClips([path], T, H, W, fps=3)[0]
+    assert VideoClips([path], 32, H, W, fps=15, policy="pad")[0][1] == 20
+    sparse, n_frames = VideoClips([path], T, H, W, fps=3, policy="pad")[0]
     assert n_frames == 4
     means = sparse[:4].mean(dim=(1, 2, 3))
     assert torch.all(means[1:] > means[:-1])  # frames 0, 10, 20, 30: brighter and brighter

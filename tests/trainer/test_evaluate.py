@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import CoordTok, CoordTokConfig, save_model
+from model.clips import ClipLayout
 from service.media import read_frames, write_video
 from trainer import evaluate as ev
 from trainer.lpips import LPIPS
@@ -20,7 +21,7 @@ TINY = CoordTokConfig(
     dec_dim=32, dec_heads=2, dec_layers=1, dec_patch_t=1, dec_patch_xy=8, decode_slice_frames=4,
 )
 BUDGET = TINY.tokens * TINY.latent_channels  # (8*8 + 2*8*8) * 4 = 768 floats
-VIDEO_FRAMES = {"a.mp4": 20, "nested/b.mp4": 8}  # 3 clips (8, 8, 4 real frames) and 1 clip
+VIDEO_FRAMES = {"a.mp4": 20, "nested/b.mp4": 8}  # 3 clips (at frames 0, 8 and 12: full clips) and 1 clip
 
 
 def moving_gradient(frames: int, height: int = 40, width: int = 48) -> np.ndarray:
@@ -71,7 +72,7 @@ def result(videos, model_file, tmp_path_factory):
 def test_json_lists_every_clip_of_every_video(result, videos):
     rows = result["clips"]
     assert [(r["video"], r["clip"], r["start_frame"], r["n_frames"]) for r in rows] == [
-        (str(videos / "a.mp4"), 0, 0, 8), (str(videos / "a.mp4"), 1, 8, 8), (str(videos / "a.mp4"), 2, 16, 4),
+        (str(videos / "a.mp4"), 0, 0, 8), (str(videos / "a.mp4"), 1, 8, 4), (str(videos / "a.mp4"), 2, 12, 8),
         (str(videos / "nested/b.mp4"), 0, 0, 8),
     ]
     assert [v["clips"] for v in result["videos"]] == [3, 1]
@@ -88,7 +89,9 @@ def test_every_metric_is_finite_for_both_methods(result):
         for method in ev.METHODS:
             scores = row[method]
             assert set(scores) >= {"psnr", "ssim"}
-            assert all(math.isfinite(v) for v in scores.values()), scores
+            values = [v for k, v in scores.items() if k != "last4"] + scores.get("last4", [])
+            assert all(math.isfinite(v) for v in values), scores
+    assert all(len(row[m]["last4"]) == 4 for row in result["clips"] for m in ev.METHODS)
 
 
 def test_mean_is_the_mean_over_clips(result):
@@ -101,17 +104,27 @@ def test_baseline_runs_at_the_models_float_budget(result):
     assert result["budget_floats"] == BUDGET
     for grid in [result["baseline_grid"]] + [r["baseline_grid"] for r in result["clips"]]:
         assert 3 * math.prod(grid) <= BUDGET
-    short = result["clips"][2]
-    assert short["baseline_grid"][0] <= short["n_frames"]
+    # Every clip holds a full clip's frames (the last one overlaps), so each baseline has the full grid.
+    assert all(r["baseline_grid"] == result["baseline_grid"] for r in result["clips"][:3])
 
 
 def test_baseline_psnr_matches_a_recomputation(result, videos):
+    """The baseline compresses the frames a clip holds and is scored on those the video takes from it."""
     frames, _, _ = read_frames(videos / "a.mp4", size=(TINY.height, TINY.width), resize="crop")
-    for row in result["clips"][:3]:
-        clip = torch.from_numpy(frames[row["start_frame"] : row["start_frame"] + row["n_frames"]]).float()[None] / 127.5 - 1
-        restored, grid = trilinear_baseline(clip, BUDGET)
+    layout = ClipLayout.plan(len(frames), TINY.frames, "stretch")
+    for k, row in enumerate(result["clips"][:3]):
+        held = torch.from_numpy(frames[layout.starts[k] : layout.starts[k] + layout.lengths[k]]).float()[None] / 127.5 - 1
+        restored, grid = trilinear_baseline(held, BUDGET)
+        kept = slice(row["start_frame"] - layout.starts[k], row["start_frame"] - layout.starts[k] + row["n_frames"])
         assert list(grid) == row["baseline_grid"]
-        assert row["baseline"]["psnr"] == pytest.approx(psnr(restored, clip).item(), rel=1e-5)
+        assert row["baseline"]["psnr"] == pytest.approx(psnr(restored[:, kept], held[:, kept]).item(), rel=1e-5)
+
+
+def test_pad_policy_scores_the_real_frames_of_a_padded_last_clip(videos, model_file, tmp_path):
+    out = run_cli(tmp_path, "--model", str(model_file), "--videos", str(videos / "nested/.."), "--clip-policy", "pad")
+    rows = [(r["clip"], r["start_frame"], r["n_frames"]) for r in out["clips"] if r["video"].endswith("a.mp4")]
+    assert rows == [(0, 0, 8), (1, 8, 8), (2, 16, 4)]
+    assert out["clips"][2]["baseline_grid"][0] <= 4
 
 
 def test_lpips_weights_reach_the_scores(videos, model_file, lpips_file, tmp_path):

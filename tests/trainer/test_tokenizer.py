@@ -23,6 +23,9 @@ SMALL_MODEL = {
     "enc_dim": 32, "enc_heads": 2, "enc_vit_layers": 1, "enc_cross_layers": 1,
     "latent_res_xy": 8, "latent_res_t": 8, "latent_channels": 4, "latent_patch_xy": 4, "latent_patch_t": 4,
     "dec_dim": 32, "dec_heads": 2, "dec_layers": 2, "dec_patch_xy": 4, "decode_slice_frames": 4,
+    # The paper's per-patch position table learns the first steps' position-dependent colour fastest,
+    # which these 40-step tests rely on; coordtok-tiny's factorised table is trained in test_codec_init.
+    "dec_pos_embed": "full",
 }
 
 
