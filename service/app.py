@@ -25,10 +25,11 @@ import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -114,6 +115,16 @@ class RequestError(Exception):
     def __init__(self, message: str, http_status: int = 422) -> None:
         super().__init__(message)
         self.http_status = http_status
+
+
+class VideoReading(NamedTuple):
+    """The query that says how an uploaded video is read (`media.read_frames`' resize, fps,
+    start_s and end_s, in that order)."""
+
+    resize: str
+    fps: float | None
+    start: float
+    end: float | None
 
 
 class StartupError(Exception):
@@ -393,21 +404,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "id": state.generator.model_id, "classes": state.generator.num_classes, "samplers": list(jobs.SAMPLERS),
         }}
 
-    @app.post("/v1/encode", openapi_extra=_ENCODE_BODY, response_class=Response,
-              responses=_answers(*_UPLOAD_REFUSALS, ok={200: {**{mime: _BINARY for mime in tokens.FORMATS.values()}, **_JSON}}))
-    async def encode(
-        request: Request,
+    def video_reading(
         resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
         fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
                                   description="resample to this rate (default: the source's)"),
         start: float = Query(0.0, ge=0, le=settings.max_duration_s, allow_inf_nan=False, description="seconds"),
         end: float | None = Query(None, gt=0, allow_inf_nan=False, description="seconds"),
+    ) -> VideoReading:
+        """How /v1/encode and /v1/preview read an uploaded video (their shared query)."""
+        if end is not None and end <= start:
+            raise RequestError(f"end ({end:g} s) must come after start ({start:g} s)")
+        return VideoReading(resize, fps, start, end)
+
+    @app.post("/v1/encode", openapi_extra=_ENCODE_BODY, response_class=Response,
+              responses=_answers(*_UPLOAD_REFUSALS, ok={200: {**{mime: _BINARY for mime in tokens.FORMATS.values()}, **_JSON}}))
+    async def encode(
+        request: Request,
+        reading: VideoReading = Depends(video_reading),
         format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
     ) -> Response:
         engine, config = state.engine, state.config
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
-        if end is not None and end <= start:
-            raise RequestError(f"end ({end:g} s) must come after start ({start:g} s)")
         upload = (await uploads.save_upload(request, settings.upload_dir)).path  # before taking a place
         clock = RequestClock(settings.request_timeout_s)
         with removed_afterwards(upload), engine.admit():
@@ -416,7 +433,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 began = time.perf_counter()
                 frames, info, geometry = await clock.run(
                     request, metrics, "/v1/encode", media.read_frames, upload, settings.media_limits(),
-                    (config.height, config.width), resize, fps, start, end, frame_limit=settings.max_clips * config.frames)
+                    (config.height, config.width), *reading, frame_limit=settings.max_clips * config.frames)
                 metrics.phase.labels("/v1/encode", "media_decode").observe(time.perf_counter() - began)
             except media.TooManyFrames as error:
                 raise RequestError(_too_many_clips(error, config.frames, settings.max_clips), 413) from None
@@ -439,7 +456,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "model_id": state.model_id, "weights_sha256": state.sha256,
                 "frames_per_clip": str(config.frames), "n_frames": json.dumps(list(layout.lengths)),
                 "clip_starts": json.dumps(list(layout.starts)), "clip_policy": layout.policy,
-                "source_fps": f"{info.fps:g}", "fps": f"{fps or info.fps or media.FALLBACK_FPS:g}",
+                "source_fps": f"{info.fps:g}", "fps": f"{reading.fps or info.fps or media.FALLBACK_FPS:g}",
                 "source_size": json.dumps([info.height, info.width]),
                 "geometry": json.dumps({"policy": geometry.policy, "scaled": geometry.scaled,
                                         "crop": geometry.crop, "pad": geometry.pad}),
@@ -451,11 +468,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses=_answers(*_UPLOAD_REFUSALS, ok={200: {mime: _BINARY for mime in VIDEO_TYPES.values()}}))
     async def preview(
         request: Request,
-        resize: str = Query("crop", pattern="^(crop|pad|stretch)$"),
-        fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
-                                  description="resample to this rate (default: the source's)"),
-        start: float = Query(0.0, ge=0, le=settings.max_duration_s, allow_inf_nan=False, description="seconds"),
-        end: float | None = Query(None, gt=0, allow_inf_nan=False, description="seconds"),
+        reading: VideoReading = Depends(video_reading),
         first_frame: int = Query(0, ge=0, le=settings.max_frames, description="the first frame of the answer"),
         frames: int | None = Query(None, ge=1, le=settings.max_frames, description="frames in the answer (default: one clip's)"),
         format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
@@ -465,8 +478,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         as the original, whatever the browser can play."""
         engine, config = state.engine, state.config
         count = frames or config.frames
-        if end is not None and end <= start:
-            raise RequestError(f"end ({end:g} s) must come after start ({start:g} s)")
         if count * config.height * config.width > settings.max_decode_pixels:
             raise RequestError(f"{count} frames of {config.width}x{config.height} pass this server's limit of "
                                f"{settings.max_decode_pixels:,} pixels per answer: ask for fewer frames", 413)
@@ -474,13 +485,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clock = RequestClock(settings.request_timeout_s)
         with removed_afterwards(upload), engine.admit():
             video, info, _ = await clock.run(request, metrics, "/v1/preview", media.read_frames, upload, settings.media_limits(),
-                                             (config.height, config.width), resize, fps, start, end,
+                                             (config.height, config.width), *reading,
                                              max_frames=first_frame + count)
             upload.unlink(missing_ok=True)
             if first_frame >= len(video):
                 raise RequestError(f"the video has {len(video)} frames in the requested time range; "
                                    f"first_frame must be below that, not {first_frame}")
-            rate = fps or info.fps or media.FALLBACK_FPS
+            rate = reading.fps or info.fps or media.FALLBACK_FPS
             payload = await clock.run(request, metrics, "/v1/preview", encode_video, video[first_frame:], rate, format or "mp4")
         return Response(payload, media_type=VIDEO_TYPES[format or "mp4"])
 

@@ -139,8 +139,8 @@ def evaluate(
 def _clip_row(path, layout: ClipLayout, k: int, frames, decoded, budget, lpips, cvvdp, fps) -> dict:
     """Scores of clip k of a video: its uint8 `frames` [L, H, W, 3] and the model's `decoded` clip
     [T, H, W, 3] in [-1, 1] (metrics run on its device), on the frames the video takes from it."""
-    (_, (a, b), index), = layout.pieces(*layout.keep(k))
     first, end = layout.keep(k)
+    (_, (a, b), index), = layout.pieces(first, end)  # one piece: clip k's own frames
     held = from_uint8(frames[layout.starts[k] : layout.starts[k] + layout.lengths[k]])[None].to(decoded.device)
     baseline, grid = trilinear_baseline(held, budget)  # [1, length, H, W, 3]
     kept = slice(first - layout.starts[k], end - layout.starts[k])

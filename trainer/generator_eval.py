@@ -83,8 +83,8 @@ def nearest_distances(queries: torch.Tensor, references: torch.Tensor, exclude_s
 
 
 def encode_clips(tokenizer: CoordTok, files: list[Path], clips_per_video: int, seed: int) -> tuple[Triplane, torch.Tensor]:
-    """Random clips of `files` (the trainer's dataset rules) -> their triplanes and uint8-range
-    videos [N, T, H, W, 3] in [-1, 1]."""
+    """Random clips of `files` (the trainer's dataset rules) -> their triplanes and the clips
+    [N, T, H, W, 3] in [-1, 1]."""
     c = tokenizer.config
     dataset = VideoClips(files, c.frames, c.height, c.width, clips_per_video=clips_per_video, seed=seed,
                          policy=policy_for(c.reference_compat))
