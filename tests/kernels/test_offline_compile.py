@@ -1,7 +1,7 @@
 """The triplane kernels compile for sm_80 and sm_90 without spilling, on this machine's Triton and on
 Triton 3.6 (the lent GPU machines' version), with no GPU: see tests/kernels/offline_compile.py.
 
-Triton 3.6 is looked for in ``.venv/triton-3.6`` (``.ci/run`` installs it there with
+Triton 3.6 is looked for in ``.venv/triton-3.6`` (``scripts/test.sh`` installs it there with
 ``pip install --no-deps --target``; it installs beside CPU torch without conflict) or in the folder
 named by ``COORDTOK_TRITON_36``; without it the test is skipped here and fails in CI.
 """
