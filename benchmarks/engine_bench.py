@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, print_table, time_it, write_json  # noqa: E402
-from model import load_model  # noqa: E402
-from service.engine import DeviceWorker, upload  # noqa: E402
+from coordtok.model import load_model  # noqa: E402
+from coordtok.service.engine import DeviceWorker, upload  # noqa: E402
 
 
 def warm_up_rows(model, device: torch.device, batch_frames: list[int]) -> list[dict]:

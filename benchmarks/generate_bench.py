@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, print_table, time_it, write_json  # noqa: E402
 from benchmarks.train_memory import MIB, peak_rss, reset_peak_rss  # noqa: E402
-from model import LatentStats, SiT, generate_triplanes, load_model, sit_preset  # noqa: E402
-from model.transport import SAMPLERS  # noqa: E402
+from coordtok.model import LatentStats, SiT, generate_triplanes, load_model, sit_preset  # noqa: E402
+from coordtok.model.transport import SAMPLERS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

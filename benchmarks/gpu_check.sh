@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_check.sh --wheels .wheels   # first install these wheels (benchmarks/gpu_wheels.sh)
 #
 # Needs the project's dependencies importable by $PYTHON (default .venv/bin/python, else python3;
-# the repository is put on PYTHONPATH); no network: an image with torch and Triton but without the
+# the repository is importable as `coordtok` through a link in a temporary folder on PYTHONPATH); no network: an image with torch and Triton but without the
 # service's dependencies gets them from --wheels, installed into a temporary folder. Each step runs under its own time limit and
 # prints one line, `PASS name (seconds)` or `FAIL name (why)`; its output is kept in
 # DIR/gpu_check_<machine>_logs/. DIR/gpu_check_<machine>.json sums up the run (machine, mode, steps);
@@ -34,11 +34,15 @@ done
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The repository is the `coordtok` package (pyproject.toml's package-dir): a link named coordtok
+# makes it importable without installing it.
+PACKAGE_LINK=$(mktemp -d)
+ln -s "$PWD" "$PACKAGE_LINK/coordtok"
+export PYTHONPATH="$PACKAGE_LINK${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "${WHEELS:-}" ]]; then
     SITE=$(mktemp -d)
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || exit 2
-    export PYTHONPATH="$PWD:$SITE${PYTHONPATH#"$PWD"}"
+    export PYTHONPATH="$PACKAGE_LINK:$SITE${PYTHONPATH#"$PACKAGE_LINK"}"
 fi
 if [[ $MODE == auto ]]; then
     if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then MODE=gpu; else MODE=cpu; fi

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, print_table, time_it, write_json  # noqa: E402
-from kernels import triplane_sample, triplane_sample_reference  # noqa: E402
+from coordtok.kernels import triplane_sample, triplane_sample_reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("reference", "grid_sample", "compile", "triton", "triton-deterministic")

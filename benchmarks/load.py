@@ -48,7 +48,7 @@ def micro_model(path: Path) -> Path:
     """A CoordTok of 8 frames at 16x16 (the service tests' config), random weights, seeded."""
     import torch
 
-    from model import CoordTok, CoordTokConfig, save_model
+    from coordtok.model import CoordTok, CoordTokConfig, save_model
 
     config = CoordTokConfig(
         frames=8, height=16, width=16, enc_dim=32, enc_heads=2, enc_patch_t=4, enc_patch_xy=8, enc_vit_layers=1,
@@ -61,7 +61,7 @@ def micro_model(path: Path) -> Path:
 
 
 def short_clip(frames: int = 16, size: int = 32) -> bytes:
-    from service.media import write_video
+    from coordtok.service.media import write_video
 
     t = np.arange(frames)[:, None, None, None]
     y, x = np.arange(size)[None, :, None, None], np.arange(size)[None, None, :, None]
@@ -89,8 +89,8 @@ def start_server(model: str, folder: Path) -> tuple[subprocess.Popen, str, Path]
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = folder / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": '["cpu"]', "COORDTOK_JOBS_DIR": str(folder / "jobs")}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    env = {**os.environ, "COORDTOK_DEVICES": '["cpu"]', "COORDTOK_JOBS_DIR": str(folder / "jobs")}
+    server = subprocess.Popen([sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                "--model", model, "--generator", "none"], env=env, cwd=ROOT,
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, print_table, time_it, write_json  # noqa: E402
-from kernels import triplane_sample  # noqa: E402
-from model import load_model  # noqa: E402
-from model.triplane import frame_coords  # noqa: E402
+from coordtok.kernels import triplane_sample  # noqa: E402
+from coordtok.model import load_model  # noqa: E402
+from coordtok.model.triplane import frame_coords  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("base", "tf32", "compiled")

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine, write_json  # noqa: E402
-from service.media import write_video  # noqa: E402
+from coordtok.service.media import write_video  # noqa: E402
 
 
 def free_port() -> int:
@@ -89,11 +89,11 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": json.dumps([args.device]),
+        env = {**os.environ, "COORDTOK_DEVICES": json.dumps([args.device]),
                "COORDTOK_JOBS_DIR": str(Path(folder) / "jobs"), "COORDTOK_LOG_FORMAT": "text"}
         log = Path(folder) / "server.log"
         with open(log, "w") as output:
-            server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+            server = subprocess.Popen([sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1",
                                        "--port", str(port)], env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
         url, results = f"http://127.0.0.1:{port}", []
         try:

@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, print_table, write_json  # noqa: E402
-from model import CoordTok, preset  # noqa: E402
-from model.triplane import frame_coords, video_to_patches  # noqa: E402
-from trainer.losses import patch_mse  # noqa: E402
+from coordtok.model import CoordTok, preset  # noqa: E402
+from coordtok.model.triplane import frame_coords, video_to_patches  # noqa: E402
+from coordtok.trainer.losses import patch_mse  # noqa: E402
 
 MODES = ("sampled", "all")
 MIB = 2**20

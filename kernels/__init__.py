@@ -29,7 +29,7 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.reference import triplane_sample_reference
+from coordtok.kernels.reference import triplane_sample_reference
 
 __all__ = ["triplane_sample", "triplane_sample_reference", "BACKEND_ENV", "BACKENDS", "DETERMINISTIC_ENV"]
 
@@ -100,7 +100,7 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def _triton_importable() -> bool:
     try:
-        import kernels.triton_triplane  # noqa: F401
+        import coordtok.kernels.triton_triplane  # noqa: F401
     except ImportError:
         return False
     return True
@@ -109,7 +109,7 @@ def _triton_importable() -> bool:
 def _load_triton(device: torch.device):
     """Import the Triton backend and check that it can run on ``device``."""
     try:
-        import kernels.triton_triplane as triton_impl
+        import coordtok.kernels.triton_triplane as triton_impl
     except ImportError as exc:
         raise RuntimeError(
             f"the triton backend was requested but Triton is not importable ({exc}); "

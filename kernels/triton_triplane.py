@@ -43,7 +43,7 @@ __all__ = ["TriplaneSampleFunction", "triplane_sample_triton", "device_code", "S
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NUM_WARPS = 4
 PLANE_COLUMNS = ((1, 2), (0, 2), (0, 1))  # coords columns (u, v) of xy, yt and xt
-DEVICE_CODE = importlib.util.find_spec("kernels.triton_kernels")
+DEVICE_CODE = importlib.util.find_spec("coordtok.kernels.triton_kernels")
 _builds: dict[bool, ModuleType] = {}
 _builds_lock = threading.Lock()
 

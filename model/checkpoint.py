@@ -12,10 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from model.config import CoordTokConfig, SiTConfig, preset, PRESETS
-from model.coordtok import CoordTok
-from model.generate import LatentStats
-from model.sit import SiT
+from coordtok.model.config import CoordTokConfig, SiTConfig, preset, PRESETS
+from coordtok.model.coordtok import CoordTok
+from coordtok.model.generate import LatentStats
+from coordtok.model.sit import SiT
 
 FORMAT = "coordtok"
 GENERATOR_FORMAT = "coordtok-sit"
@@ -134,7 +134,7 @@ def load_generator(
     path = Path(path) if path is not None else DEFAULT_GENERATOR
     if not path.is_file():
         raise FileNotFoundError(
-            f"no generator weights at {path}; train one with `python -m trainer.generator --tokenizer TOKENIZER "
+            f"no generator weights at {path}; train one with `python -m coordtok.trainer.generator --tokenizer TOKENIZER "
             "--videos DIR --run-dir RUN` and pass RUN/export.safetensors"
         )
     metadata = read_metadata(path)

@@ -11,10 +11,10 @@ import math
 import torch
 from torch import nn
 
-from kernels import triplane_sample
-from model.config import CoordTokConfig
-from model.layers import BLOCK_EPS, Block, CrossBlock
-from model.triplane import PLANES, Triplane, frame_coords, patch_counts, patch_indices, patches_to_video
+from coordtok.kernels import triplane_sample
+from coordtok.model.config import CoordTokConfig
+from coordtok.model.layers import BLOCK_EPS, Block, CrossBlock
+from coordtok.model.triplane import PLANES, Triplane, frame_coords, patch_counts, patch_indices, patches_to_video
 
 
 class PlaneQueries(nn.Module):

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.sit import SiT
-from model.transport import StepCallback, StopCheck, sample
-from model.triplane import PLANES, Triplane
+from coordtok.model.sit import SiT
+from coordtok.model.transport import StepCallback, StopCheck, sample
+from coordtok.model.triplane import PLANES, Triplane
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import math
 import torch
 from torch import nn
 
-from model.config import SiTConfig
-from model.layers import BLOCK_EPS, MLP, Attention
-from model.triplane import PLANES, Triplane
+from coordtok.model.config import SiTConfig
+from coordtok.model.layers import BLOCK_EPS, MLP, Attention
+from coordtok.model.triplane import PLANES, Triplane
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import CoordTokConfig
+from coordtok.model.config import CoordTokConfig
 
 PLANES = ("xy", "yt", "xt")
 

@@ -15,9 +15,9 @@ import av
 import numpy as np
 import torch
 
-from model import LatentStats, generate_triplanes, load_generator, load_model
-from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
-from model.triplane import to_uint8
+from coordtok.model import LatentStats, generate_triplanes, load_generator, load_model
+from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
+from coordtok.model.triplane import to_uint8
 
 
 def write_png(image: np.ndarray, path: Path) -> None:

@@ -41,13 +41,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Router
 
-from model import CoordTok, PRESETS, load_model
-from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
-from model.clips import ClipLayout, policy_for
-from service import jobs, media, tokens, uploads
-from service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
-from service.metrics import Metrics
-from service.settings import Settings, unknown_variables
+from coordtok.model import CoordTok, PRESETS, load_model
+from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
+from coordtok.model.clips import ClipLayout, policy_for
+from coordtok.service import jobs, media, tokens, uploads
+from coordtok.service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
+from coordtok.service.metrics import Metrics
+from coordtok.service.settings import Settings, unknown_variables
 
 log = logging.getLogger("coordtok.service")
 try:

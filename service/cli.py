@@ -16,7 +16,7 @@ import httpx
 import torch
 import uvicorn
 
-from model.triplane import to_uint8
+from coordtok.model.triplane import to_uint8
 
 KEEP_ALIVE_S = 75
 # `coordtok roundtrip`'s default clip: OpenCV's samples/data/tree.avi (Cinepak, 320x240, 15 fps,
@@ -28,8 +28,8 @@ SAMPLE_CLIP = Path(__file__).with_name("static") / "sample.avi"
 def model_setting(args: argparse.Namespace) -> str:
     """The model setting that --model and --random-weights name: '' (the bundled weights), a
     .safetensors path, or `preset:NAME` (random weights, asked for explicitly)."""
-    from model import PRESETS
-    from service.app import RANDOM_PREFIX
+    from coordtok.model import PRESETS
+    from coordtok.service.app import RANDOM_PREFIX
 
     if getattr(args, "random_weights", False):
         if args.model not in PRESETS:
@@ -40,9 +40,9 @@ def model_setting(args: argparse.Namespace) -> str:
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     """Score the model on a real clip against the trilinear baseline, as its model card does."""
-    from model.checkpoint import default_device
-    from service.app import load_served_model, model_identity, random_weights_warning
-    from trainer.evaluate import evaluate
+    from coordtok.model.checkpoint import default_device
+    from coordtok.service.app import load_served_model, model_identity, random_weights_warning
+    from coordtok.trainer.evaluate import evaluate
 
     spec = model_setting(args)
     video = Path(args.video)
@@ -87,7 +87,7 @@ def roundtrip_text(report: dict) -> str:
 
 
 def cmd_import_official(args: argparse.Namespace) -> int:
-    from model import load_official, save_model
+    from coordtok.model import load_official, save_model
 
     model = load_official(args.checkpoint, args.config, device="cpu")
     save_model(model, args.output, metadata={"source": Path(args.checkpoint).name})
@@ -96,10 +96,10 @@ def cmd_import_official(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.app import create_app
-    from service.logs import configure_logging
-    from service.protocol import header_timeout_protocol
-    from service.settings import Settings
+    from coordtok.service.app import create_app
+    from coordtok.service.logs import configure_logging
+    from coordtok.service.protocol import header_timeout_protocol
+    from coordtok.service.settings import Settings
 
     model = model_setting(args)
     settings = Settings(**({"model": model} if model else {}), **({"generator": args.generator} if args.generator else {}))
@@ -190,13 +190,13 @@ class DrainingServer(uvicorn.Server):
 
 async def _with_client(args: argparse.Namespace, action):
     """Run `action(client)` against --server, or against the app in this process."""
-    from service.client import AsyncClient
+    from coordtok.service.client import AsyncClient
 
     if args.server:
         async with AsyncClient(args.server, api_key=args.api_key) as client:
             return await action(client)
-    from service.app import create_app
-    from service.settings import Settings
+    from coordtok.service.app import create_app
+    from coordtok.service.settings import Settings
 
     model = model_setting(args)
     app = create_app(Settings(generator="none", **({"model": model} if model else {})))
@@ -213,7 +213,7 @@ def _token_format_of(path: str) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from service import tokens
+    from coordtok.service import tokens
 
     fmt = _token_format_of(args.output)
     if not Path(args.video).is_file():
@@ -228,7 +228,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from service import tokens
+    from coordtok.service import tokens
 
     fmt = Path(args.output).suffix.lstrip(".")
     if fmt not in ("mp4", "webm", "npy"):
@@ -243,7 +243,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate videos: through a server's job API (--url), or with the models in this process."""
-    from service import jobs
+    from coordtok.service import jobs
 
     out = Path(args.output)
     extension, _ = jobs.RESULT_TYPES[args.format]
@@ -269,7 +269,7 @@ def generate_request(args: argparse.Namespace):
     of range and its limits."""
     import pydantic
 
-    from service import jobs
+    from coordtok.service import jobs
 
     try:
         return jobs.GenerateRequest(num_videos=args.num_videos, steps=args.steps, sampler=args.sampler, seed=args.seed,
@@ -307,7 +307,7 @@ class _ProgressPrinter:
 
 
 def _generate_on_server(args: argparse.Namespace, request, paths: list[Path]) -> int:
-    from service.client import Client
+    from coordtok.service.client import Client
 
     show = _ProgressPrinter()
     with Client(args.server, api_key=args.api_key) as client:
@@ -332,9 +332,9 @@ def _generate_on_server(args: argparse.Namespace, request, paths: list[Path]) ->
 def _generate_here(args: argparse.Namespace, request, paths: list[Path]) -> int:
     import secrets
 
-    from model.checkpoint import default_device
-    from service import jobs
-    from service.app import fitting_generator, load_served_model, model_identity
+    from coordtok.model.checkpoint import default_device
+    from coordtok.service import jobs
+    from coordtok.service.app import fitting_generator, load_served_model, model_identity
 
     spec = model_setting(args)
     tokenizer = load_served_model(spec, args.device or str(default_device()))

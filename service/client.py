@@ -1,6 +1,6 @@
 """Python client of the CoordTok server (httpx), sync and async.
 
-    from service.client import Client
+    from coordtok.service.client import Client
     with Client("http://localhost:8000") as client:
         tokens = client.encode("clip.mp4")              # Tokens: triplane of every clip + metadata
         mp4 = client.decode(tokens, frames=(0, 64))     # bytes of an H.264 MP4
@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service import tokens as token_files
-from service.tokens import Tokens
+from coordtok.service import tokens as token_files
+from coordtok.service.tokens import Tokens
 
 UPLOAD_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska", ".mov": "video/quicktime"}
 

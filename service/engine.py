@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import CoordTok, Triplane
-from model.triplane import from_uint8, to_uint8
+from coordtok.model import CoordTok, Triplane
+from coordtok.model.triplane import from_uint8, to_uint8
 
 log = logging.getLogger("coordtok.engine")
 

@@ -19,7 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.media import MediaLimits
+from coordtok.service.media import MediaLimits
 
 
 def default_jobs_dir() -> Path:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from model.config import CoordTokConfig
-from model.triplane import PLANES, Triplane
+from coordtok.model.config import CoordTokConfig
+from coordtok.model.triplane import PLANES, Triplane
 
 FORMATS = {
     "safetensors": "application/vnd.coordtok.tokens+safetensors",

@@ -26,6 +26,9 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def allowed(package: str, module: str) -> bool:
+    if not module.startswith("coordtok."):
+        return True
+    module = module.removeprefix("coordtok.")
     top = module.split(".")[0]
     if top not in PACKAGES or top == package:
         return True
@@ -41,3 +44,15 @@ def test_imports_respect_the_layering():
         if not allowed(package, module)
     ]
     assert violations == []
+
+
+def test_project_modules_are_imported_through_the_coordtok_namespace():
+    """A bare `import model` would load a second copy of the package next to coordtok.model."""
+    files = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "build" not in p.parts]
+    bare = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in files
+        for module in imported_modules(path)
+        if module.split(".")[0] in PACKAGES
+    ]
+    assert bare == []

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import triplane_sample
-from model.config import CoordTokConfig
-from model.coordtok import CoordTok
-from model.triplane import PLANES, frame_coords, video_to_patches
+from coordtok.kernels import triplane_sample
+from coordtok.model.config import CoordTokConfig
+from coordtok.model.coordtok import CoordTok
+from coordtok.model.triplane import PLANES, frame_coords, video_to_patches
 
 PATTERN = 100.0  # the constant +A / -A pair that fixes each LayerNorm's scale
 SCORE_PER_AXIS = 20.0  # attention logit per matching grid axis: uniform over matches, ~0 elsewhere

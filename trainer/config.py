@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.config import PRESETS
+from coordtok.model.config import PRESETS
 
 
 @dataclass
@@ -66,7 +66,7 @@ class TrainConfig:
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         """Parse flags (and --config); returns the config and whether to resume."""
-        return parse_cli(cls, argv, "python -m trainer.tokenizer", "Train a CoordTok tokenizer.")
+        return parse_cli(cls, argv, "python -m coordtok.trainer.tokenizer", "Train a CoordTok tokenizer.")
 
     def validate(self) -> None:
         if self.stage not in (1, 2):

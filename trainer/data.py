@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from model.clips import ClipLayout
-from model.triplane import from_uint8
-from service.media import FALLBACK_FPS, MediaError, MediaLimits, VideoInfo, probe, read_frames
+from coordtok.model.clips import ClipLayout
+from coordtok.model.triplane import from_uint8
+from coordtok.service.media import FALLBACK_FPS, MediaError, MediaLimits, VideoInfo, probe, read_frames
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Reconstruction quality of a CoordTok model on a folder of videos, against the trilinear
 baseline at the same float budget.
 
-    python -m trainer.evaluate --model coordtok.safetensors --videos DIR \\
+    python -m coordtok.trainer.evaluate --model coordtok.safetensors --videos DIR \\
         [--lpips-weights lpips.safetensors | --lpips-backbone vgg16-397923af.pth --lpips-linear vgg.pth] \\
         [--max-clips N] [--json OUT] [--device cpu]
 
@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import PRESETS, CoordTok, load_model
-from model.checkpoint import file_sha256
-from model.clips import POLICIES, ClipLayout, policy_for
-from model.triplane import from_uint8, to_uint8
-from service.media import FALLBACK_FPS, MediaError, MediaLimits, read_frames
-from trainer.data import list_videos
-from trainer.lpips import LPIPS, load_lpips, lpips_video
-from trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline
+from coordtok.model import PRESETS, CoordTok, load_model
+from coordtok.model.checkpoint import file_sha256
+from coordtok.model.clips import POLICIES, ClipLayout, policy_for
+from coordtok.model.triplane import from_uint8, to_uint8
+from coordtok.service.media import FALLBACK_FPS, MediaError, MediaLimits, read_frames
+from coordtok.trainer.data import list_videos
+from coordtok.trainer.lpips import LPIPS, load_lpips, lpips_video
+from coordtok.trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline
 
 METHODS = ("coordtok", "baseline")
 CVVDP_DISPLAY = "standard_4k"

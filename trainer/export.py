@@ -1,6 +1,6 @@
 """Export trained weights to the serving format, with the latent statistics the generator needs.
 
-    python -m trainer.export runs/tiny -o model/weights/default.safetensors [--ema] [--clips 64]
+    python -m coordtok.trainer.export runs/tiny -o model/weights/default.safetensors [--ema] [--clips 64]
 
 The file is the native safetensors format (`model.save_model`) whose metadata also holds
 `latent_stats`: per plane, per channel mean and std of the triplanes of training clips
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from model import CoordTok, CoordTokConfig, save_model
-from model.triplane import PLANES
+from coordtok.model import CoordTok, CoordTokConfig, save_model
+from coordtok.model.triplane import PLANES
 
 
 @torch.inference_mode()
@@ -59,11 +59,11 @@ def export_model(model: CoordTok, dataset: Dataset, path: str | Path, metadata: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
-    from model.clips import policy_for
-    from trainer.data import VideoClips, list_videos
+    from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from coordtok.model.clips import policy_for
+    from coordtok.trainer.data import VideoClips, list_videos
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m coordtok.trainer.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder of trainer.tokenizer")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--ema", action="store_true", help="export the EMA weights")

@@ -1,9 +1,9 @@
 """Train a SiT generator on the triplanes of a frozen CoordTok tokenizer.
 
-    python -m trainer.generator --tokenizer T.safetensors --videos DIR --run-dir runs/gen --steps 50000
-    python -m trainer.generator --tokenizer T.safetensors --tokens TOKEN_DIR --run-dir runs/gen
-    torchrun --nproc_per_node=8 -m trainer.generator --config gen.json
-    python -m trainer.generator --config gen.json --resume
+    python -m coordtok.trainer.generator --tokenizer T.safetensors --videos DIR --run-dir runs/gen --steps 50000
+    python -m coordtok.trainer.generator --tokenizer T.safetensors --tokens TOKEN_DIR --run-dir runs/gen
+    torchrun --nproc_per_node=8 -m coordtok.trainer.generator --config gen.json
+    python -m coordtok.trainer.generator --config gen.json --resume
 
 Videos are cut into `clips_per_video` random clips each (as trainer.data.VideoClips draws them),
 encoded once by the tokenizer (every process encodes its share) and cached in RUN/latents/, so a
@@ -31,17 +31,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from model import CoordTok, LatentStats, SiT, Triplane, load_model, save_generator, sit_preset
-from model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
-from model.clips import policy_for
-from model.generate import flatten, unflatten
-from model.transport import training_loss
-from model.triplane import PLANES
-from trainer import distributed, loop
-from trainer.data import VideoClips, list_videos
-from trainer.ema import EMA
-from trainer.generator_config import GeneratorConfig
-from trainer.loop import EpochSampler, TrainLoop, autocast_dtype, git_commit
+from coordtok.model import CoordTok, LatentStats, SiT, Triplane, load_model, save_generator, sit_preset
+from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
+from coordtok.model.clips import policy_for
+from coordtok.model.generate import flatten, unflatten
+from coordtok.model.transport import training_loss
+from coordtok.model.triplane import PLANES
+from coordtok.trainer import distributed, loop
+from coordtok.trainer.data import VideoClips, list_videos
+from coordtok.trainer.ema import EMA
+from coordtok.trainer.generator_config import GeneratorConfig
+from coordtok.trainer.loop import EpochSampler, TrainLoop, autocast_dtype, git_commit
 
 
 class LabelledClips(Dataset):

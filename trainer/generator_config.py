@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.config import SIT_PRESETS
-from trainer.config import parse_cli
+from coordtok.model.config import SIT_PRESETS
+from coordtok.trainer.config import parse_cli
 
 
 @dataclass
@@ -55,7 +55,7 @@ class GeneratorConfig:
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> tuple[GeneratorConfig, bool]:
         """Parse flags (and --config); returns the config and whether to resume."""
-        return parse_cli(cls, argv, "python -m trainer.generator", "Train a SiT generator on CoordTok triplanes.")
+        return parse_cli(cls, argv, "python -m coordtok.trainer.generator", "Train a SiT generator on CoordTok triplanes.")
 
     def validate(self) -> None:
         if bool(self.videos) == bool(self.tokens):

@@ -1,6 +1,6 @@
 """Do a generator's samples look like video? Measurements that run offline on a CPU.
 
-    python -m trainer.generator_eval --generator G.safetensors --tokenizer T.safetensors \\
+    python -m coordtok.trainer.generator_eval --generator G.safetensors --tokenizer T.safetensors \\
         --train-videos DIR --heldout-videos DIR [--exclude NAME ...] [-n 16] [--steps 50] [--json OUT]
 
 - Patch-boundary ratio (`boundary_ratio`): the mean absolute difference between horizontally or
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import CoordTok, LatentStats, SiT, Triplane, generate_triplanes, load_generator, load_model
-from model.checkpoint import file_sha256
-from model.clips import policy_for
-from model.generate import flatten
-from trainer.data import VideoClips, list_videos
+from coordtok.model import CoordTok, LatentStats, SiT, Triplane, generate_triplanes, load_generator, load_model
+from coordtok.model.checkpoint import file_sha256
+from coordtok.model.clips import policy_for
+from coordtok.model.generate import flatten
+from coordtok.trainer.data import VideoClips, list_videos
 
 POOLED_CELLS = 4
 

@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from trainer import distributed
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from coordtok.trainer import distributed
+from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class EpochSampler(Sampler[int]):

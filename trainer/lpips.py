@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.checkpoint import load_state_checked
+from coordtok.model.checkpoint import load_state_checked
 
 log = logging.getLogger(__name__)
 

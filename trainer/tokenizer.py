@@ -1,8 +1,8 @@
 """Train a CoordTok tokenizer.
 
-    python -m trainer.tokenizer --videos DIR --run-dir runs/tiny --steps 5000
-    torchrun --nproc_per_node=8 -m trainer.tokenizer --config stage1.json
-    python -m trainer.tokenizer --config stage1.json --resume
+    python -m coordtok.trainer.tokenizer --videos DIR --run-dir runs/tiny --steps 5000
+    torchrun --nproc_per_node=8 -m coordtok.trainer.tokenizer --config stage1.json
+    python -m coordtok.trainer.tokenizer --config stage1.json --resume
 
 Stage 1 reconstructs `points` random patches per clip (MSE); stage 2 reconstructs whole runs of
 frames (MSE + LPIPS when weights are given). The run folder holds the resolved config, the git
@@ -18,19 +18,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from model import PRESETS, CoordTok, load_model, preset
-from model.triplane import patches_to_video
-from trainer import distributed, loop
-from trainer.codec_init import codec_init
-from trainer.config import TrainConfig
-from model.clips import policy_for
-from trainer.data import Augment, VideoClips, list_videos
-from trainer.ema import EMA
-from trainer.export import export_model
-from trainer.losses import patch_mse
-from trainer.loop import EpochSampler, TrainLoop, autocast_dtype, git_commit
-from trainer.lpips import load_lpips, lpips_video
-from trainer.views import frame_run, random_patches
+from coordtok.model import PRESETS, CoordTok, load_model, preset
+from coordtok.model.triplane import patches_to_video
+from coordtok.trainer import distributed, loop
+from coordtok.trainer.codec_init import codec_init
+from coordtok.trainer.config import TrainConfig
+from coordtok.model.clips import policy_for
+from coordtok.trainer.data import Augment, VideoClips, list_videos
+from coordtok.trainer.ema import EMA
+from coordtok.trainer.export import export_model
+from coordtok.trainer.losses import patch_mse
+from coordtok.trainer.loop import EpochSampler, TrainLoop, autocast_dtype, git_commit
+from coordtok.trainer.lpips import load_lpips, lpips_video
+from coordtok.trainer.views import frame_run, random_patches
 
 
 def build_model(config: TrainConfig) -> CoordTok:

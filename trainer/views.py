@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from model.config import CoordTokConfig
-from model.triplane import frame_coords, patch_counts, video_to_patches
+from coordtok.model.config import CoordTokConfig
+from coordtok.model.triplane import frame_coords, patch_counts, video_to_patches
 
 
 def random_patches(

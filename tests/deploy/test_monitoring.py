@@ -13,9 +13,9 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.media import write_video
-from service.settings import Settings
+from coordtok.service.app import create_app
+from coordtok.service.media import write_video
+from coordtok.service.settings import Settings
 from tests.deploy.deployment import (
     DASHBOARD, DOCKER, PROMETHEUS_SERIES, mount, dashboard_queries, exported_series, grouping_labels, metric_names, rule_queries,
 )

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.triton_triplane as triton_impl
-from kernels import BACKEND_ENV, DETERMINISTIC_ENV, triplane_sample, triplane_sample_reference
+import coordtok.kernels.triton_triplane as triton_impl
+from coordtok.kernels import BACKEND_ENV, DETERMINISTIC_ENV, triplane_sample, triplane_sample_reference
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -389,7 +389,7 @@ def test_triton_grad_only_for_planes_that_require_it():
 def test_alignment_hint_divides_plane_strides(c, strided):
     """On a GPU the hint licenses vector loads: it must divide every row and
     column stride, and be the largest power of two (up to 16) that does."""
-    from kernels.triton_triplane import _row_alignment
+    from coordtok.kernels.triton_triplane import _row_alignment
 
     xy, yt, xt, _, _ = make_inputs(Case(b=2, n=1, rx=5, ry=6, rt=7, c=c, strided=strided), seed=0)
     strides = [s for p in (xy, yt, xt) for s in p.stride()[1:3]]
@@ -442,7 +442,7 @@ def test_bad_backend_names_raise(monkeypatch):
 
 def test_forced_triton_without_triton_raises(monkeypatch):
     (xy, yt, xt), coords, _ = hand_case()
-    monkeypatch.setitem(sys.modules, "kernels.triton_triplane", None)
+    monkeypatch.setitem(sys.modules, "coordtok.kernels.triton_triplane", None)
     with pytest.raises(RuntimeError, match=f"{BACKEND_ENV}=reference"):
         triplane_sample(xy, yt, xt, coords, backend="triton")
     assert triplane_sample(xy, yt, xt, coords).shape == (1, 5, 3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.clips import ClipLayout, policy_for
+from coordtok.model.clips import ClipLayout, policy_for
 
 T = 8
 

@@ -4,8 +4,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import CoordTok, CoordTokConfig, PRESETS, Triplane, preset
-from model.triplane import frame_coords, patch_counts, patch_indices, patches_to_video, video_to_patches
+from coordtok.model import CoordTok, CoordTokConfig, PRESETS, Triplane, preset
+from coordtok.model.triplane import frame_coords, patch_counts, patch_indices, patches_to_video, video_to_patches
 
 SMALL = CoordTokConfig(
     frames=16, height=32, width=48,
@@ -179,7 +179,7 @@ def test_triplane_batch_helpers():
 
 
 def test_uint8_round_trip_and_triplane_split():
-    from model.triplane import from_uint8, to_uint8
+    from coordtok.model.triplane import from_uint8, to_uint8
 
     pixels = torch.arange(256, dtype=torch.int64).to(torch.uint8)
     assert torch.equal(to_uint8(from_uint8(pixels)), pixels) and from_uint8(pixels).aminmax() == (-1, 1)

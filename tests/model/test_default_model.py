@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from model import LatentStats, generate_triplanes, load_generator, load_model, preset
-from model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
-from model.triplane import PLANES
+from coordtok.model import LatentStats, generate_triplanes, load_generator, load_model, preset
+from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
+from coordtok.model.triplane import PLANES
 
 
 def test_load_model_without_arguments_loads_the_bundled_tokenizer():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import CoordTok, Triplane, load_official
-from trainer.losses import patch_mse
+from coordtok.model import CoordTok, Triplane, load_official
+from coordtok.trainer.losses import patch_mse
 
 HERE = Path(__file__).resolve().parent.parent / "data" / "official"
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import (
+from coordtok.model import (
     SIT_PRESETS, LatentStats, SiT, SiTConfig, Triplane, generate_triplanes, load_generator, preset, save_generator,
     sit_preset,
 )
-from model.checkpoint import read_metadata
-from model.generate import flatten, unflatten
-from model.transport import SamplingCancelled
+from coordtok.model.checkpoint import read_metadata
+from coordtok.model.generate import flatten, unflatten
+from coordtok.model.transport import SamplingCancelled
 
 SMALL = SiTConfig(latent_res_xy=8, latent_res_t=8, latent_channels=4, dim=32, depth=2, heads=2)
 DIT_SIZES = {"sit-s/2": (384, 12, 6), "sit-b/2": (768, 12, 12), "sit-l/2": (1024, 24, 16), "sit-xl/2": (1152, 28, 16)}

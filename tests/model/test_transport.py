@@ -11,7 +11,7 @@ Its ODE carries a noise value z to MU + S z exactly.
 import pytest
 import torch
 
-from model.transport import SAMPLERS, SamplingCancelled, euler, heun, interpolate, sample, training_loss
+from coordtok.model.transport import SAMPLERS, SamplingCancelled, euler, heun, interpolate, sample, training_loss
 
 MU, S = 1.5, 0.5
 

@@ -37,7 +37,7 @@ def server_process(log: Path, env: dict[str, str] | None = None, command: list[s
                    port: int | None = None, cwd: Path = ROOT, timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
     """As `running_server`, yielding (URL, the server's process) for tests that read its memory."""
     port = port or free_port()
-    command = command or [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = command or [sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": '["cpu"]', "COORDTOK_LOG_FORMAT": "text",
                    "COORDTOK_BATCH_WAIT_MS": "0", **(env or {})}
     url = f"http://127.0.0.1:{port}"

@@ -14,10 +14,10 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
-from model import CoordTok, save_model
-from service.app import create_app
-from service.media import MediaLimits, read_frames, write_video
-from service.settings import Settings
+from coordtok.model import CoordTok, save_model
+from coordtok.service.app import create_app
+from coordtok.service.media import MediaLimits, read_frames, write_video
+from coordtok.service.settings import Settings
 from tests.service.test_engine import CONFIG
 from tests.system_tools import require
 
@@ -149,7 +149,7 @@ def test_sync_client_against_a_running_server(weights, tmp_path):
 
     import uvicorn
 
-    from service.client import Client, ServerError
+    from coordtok.service.client import Client, ServerError
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,7 +192,7 @@ def test_api_keys_guard_every_route_but_health_and_metrics(weights, caplog):
 def test_json_log_lines_carry_the_request_fields():
     import logging
 
-    from service.logs import JsonFormatter
+    from coordtok.service.logs import JsonFormatter
 
     record = logging.LogRecord("coordtok.service", logging.INFO, __file__, 1, "request", (), None)
     record.request_id, record.status = "r1", 503

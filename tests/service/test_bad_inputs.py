@@ -14,10 +14,10 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
 
-from model import CoordTok, Triplane, save_model
-from service.app import create_app
-from service.settings import Settings
-from service.tokens import Tokens, serialise
+from coordtok.model import CoordTok, Triplane, save_model
+from coordtok.service.app import create_app
+from coordtok.service.settings import Settings
+from coordtok.service.tokens import Tokens, serialise
 from tests.service.test_app import video_file
 from tests.service.test_engine import CONFIG
 from tests.service.test_media import encode, make_bad_file, ramp_video, raw_h264

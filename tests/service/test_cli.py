@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import CoordTok, load_model, load_official, save_model
-from service.cli import SAMPLE_CLIP, build_parser, main
-from service.media import MediaLimits, read_frames, write_video
+from coordtok.model import CoordTok, load_model, load_official, save_model
+from coordtok.service.cli import SAMPLE_CLIP, build_parser, main
+from coordtok.service.media import MediaLimits, read_frames, write_video
 from tests.service.server_process import ROOT, free_port
 from tests.service.test_engine import CONFIG
 
@@ -52,7 +52,7 @@ def test_import_official_with_a_mismatched_config_is_a_clear_error(tmp_path, cap
 
 
 def test_roundtrip_scores_the_shipped_real_clip_beside_the_trilinear_baseline(small_model, capsys):
-    from trainer.evaluate import evaluate
+    from coordtok.trainer.evaluate import evaluate
 
     assert SAMPLE_CLIP.is_file() and read_frames(SAMPLE_CLIP, MediaLimits())[1].codec == "cinepak"  # a real clip, in AVI
     assert main(["roundtrip", "--model", str(small_model), "--device", "cpu", "--json"]) == 0
@@ -156,7 +156,7 @@ def test_every_argument_has_help_and_every_option_shows_its_default():
 
 
 def serve(*options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", *options],
+    return subprocess.run([sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1", *options],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": '["cpu"]',
                                "COORDTOK_GENERATOR": "none"})

@@ -11,12 +11,12 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
-from model import CoordTok
-from model.clips import ClipLayout
-from model.triplane import Triplane, from_uint8, to_uint8
-from service.app import create_app
-from service.media import read_frames
-from service.tokens import Tokens, serialise
+from coordtok.model import CoordTok
+from coordtok.model.clips import ClipLayout
+from coordtok.model.triplane import Triplane, from_uint8, to_uint8
+from coordtok.service.app import create_app
+from coordtok.service.media import read_frames
+from coordtok.service.tokens import Tokens, serialise
 from tests.service.test_app import settings, video_file, weights  # noqa: F401  (weights is a fixture)
 from tests.service.test_engine import CONFIG  # 8 frames at 16x16
 
@@ -55,7 +55,7 @@ def test_decode_gives_back_every_frame_and_ranges_equal_the_full_decode(client, 
 
 def test_the_server_reconstructs_what_the_model_does_with_the_same_clips(client, weights):  # noqa: F811
     """Encode + decode through the server equals the model run on the layout's clips, stitched."""
-    from model import load_model
+    from coordtok.model import load_model
 
     model = load_model(str(weights), device="cpu")
     source, _, _ = read_frames(io.BytesIO(video_file(13)), size=(CONFIG.height, CONFIG.width))

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from model import CoordTok, CoordTokConfig
-from model import Triplane
-from service import engine as engine_module
-from service.engine import DeadlineExceeded, DeviceFailure, Engine, NotReady, QueueFull
+from coordtok.model import CoordTok, CoordTokConfig
+from coordtok.model import Triplane
+from coordtok.service import engine as engine_module
+from coordtok.service.engine import DeadlineExceeded, DeviceFailure, Engine, NotReady, QueueFull
 
 CONFIG = CoordTokConfig(
     frames=8, height=16, width=16, enc_dim=32, enc_heads=2, enc_patch_t=4, enc_patch_xy=8, enc_vit_layers=1,

@@ -15,9 +15,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from service import jobs
-from service.app import create_app
-from service.settings import Settings
+from coordtok.service import jobs
+from coordtok.service.app import create_app
+from coordtok.service.settings import Settings
 from tests.service.test_app import video_file
 from tests.service.test_jobs import wait
 
@@ -68,7 +68,7 @@ def test_out_of_memory_in_a_batch_fails_it_with_503_and_the_next_requests_succee
 def serve(model: Path, port: int, env: dict | None = None) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": '["cpu"]', "COORDTOK_LOG_FORMAT": "text",
                    **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    return subprocess.Popen([sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--model", str(model), "--generator", "none"], env=environment, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

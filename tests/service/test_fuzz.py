@@ -10,8 +10,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.python import asgi
 
-from service.app import create_app
-from service.settings import Settings
+from coordtok.service.app import create_app
+from coordtok.service.settings import Settings
 from tests.service.test_jobs import save_models
 
 EXAMPLES = int(os.environ.get("COORDTOK_FUZZ_EXAMPLES", "50"))

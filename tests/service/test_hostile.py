@@ -24,11 +24,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from model import Triplane
-from service import app as app_module
-from service import media
-from service.app import create_app
-from service.tokens import Tokens, plane_shapes, serialise
+from coordtok.model import Triplane
+from coordtok.service import app as app_module
+from coordtok.service import media
+from coordtok.service.app import create_app
+from coordtok.service.tokens import Tokens, plane_shapes, serialise
 from tests.service.server_process import ROOT, peak_growth, server_process
 from tests.service.test_app import video_file
 from tests.service.test_engine import CONFIG
@@ -480,9 +480,9 @@ def test_connections_that_do_not_send_their_headers_in_time_are_closed(server):
 _WRITE_RESULTS = """
 import hashlib, io, json, sys
 import numpy as np, torch
-from model import Triplane
-from service.media import write_video
-from service.tokens import Tokens, serialise
+from coordtok.model import Triplane
+from coordtok.service.media import write_video
+from coordtok.service.tokens import Tokens, serialise
 frames = np.random.default_rng(0).integers(0, 256, (6, 33, 48, 3), dtype=np.uint8)
 planes = [torch.from_numpy(np.random.default_rng(k).standard_normal((1, 4, 4, 4)).astype(np.float32)) for k in range(3)]
 meta = {key: str(k) for k, key in enumerate("model_id weights_sha256 frames_per_clip n_frames source_fps fps source_size geometry".split())}

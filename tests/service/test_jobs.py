@@ -9,14 +9,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from model import CoordTok, LatentStats, SiT, generate_triplanes, save_generator, save_model, sit_preset
-from model.checkpoint import file_sha256
-from service.app import create_app
-from service.cli import main
-from service.jobs import GenerateRequest, JobStore
-from service.media import MediaLimits, read_frames, write_video
-from service.settings import Settings
-from service.tokens import parse
+from coordtok.model import CoordTok, LatentStats, SiT, generate_triplanes, save_generator, save_model, sit_preset
+from coordtok.model.checkpoint import file_sha256
+from coordtok.service.app import create_app
+from coordtok.service.cli import main
+from coordtok.service.jobs import GenerateRequest, JobStore
+from coordtok.service.media import MediaLimits, read_frames, write_video
+from coordtok.service.settings import Settings
+from coordtok.service.tokens import parse
 from tests.service.test_engine import CONFIG
 from tests.system_tools import require
 
@@ -82,7 +82,7 @@ def test_token_results_equal_videos_sampled_alone_and_decode_on_the_server(clien
     job = client.post("/v1/generate", json={"num_videos": 3, "steps": 2, "seed": 5, "format": "tokens"}).json()
     assert wait(client, job["id"])["status"] == "succeeded"
     tokenizer, generator = models
-    from model import load_generator
+    from coordtok.model import load_generator
 
     sit, _ = load_generator(generator, device="cpu")
     for k in range(3):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from service.cli import main
-from service.media import MediaLimits, read_frames
+from coordtok.service.cli import main
+from coordtok.service.media import MediaLimits, read_frames
 from tests.service.test_jobs import save_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ def start_server(tmp_path: Path, tokenizer: Path, generator: Path, port: int) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": '["cpu"]', "COORDTOK_LOG_FORMAT": "text",
            "COORDTOK_BATCH_WAIT_MS": "0", "COORDTOK_JOBS_DIR": str(tmp_path / "jobs"),
            "COORDTOK_GENERATION_BATCH_SIZE": "2"}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                "--model", str(tokenizer), "--generator", str(generator)], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from service.media import (
+from coordtok.service.media import (
     CorruptMedia,
     MediaLimits,
     MediaTooLarge,

@@ -6,8 +6,8 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import StartupError, create_app
-from service.settings import Settings, unknown_variables
+from coordtok.service.app import StartupError, create_app
+from coordtok.service.settings import Settings, unknown_variables
 
 
 def test_random_weights_are_said_and_leave_the_bundled_generator_unloaded(tmp_path, caplog):

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
-from model import LatentStats, SiT, load_model, save_generator, sit_preset
-from model.checkpoint import DEFAULT_WEIGHTS, file_sha256
-from model.triplane import to_uint8
-from service.app import create_app
-from service.cli import SAMPLE_CLIP
-from service.media import MediaLimits, read_frames, write_video
-from service.settings import Settings
+from coordtok.model import LatentStats, SiT, load_model, save_generator, sit_preset
+from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
+from coordtok.model.triplane import to_uint8
+from coordtok.service.app import create_app
+from coordtok.service.cli import SAMPLE_CLIP
+from coordtok.service.media import MediaLimits, read_frames, write_video
+from coordtok.service.settings import Settings
 from tests.service.server_process import ROOT, running_server
 from tests.service.test_jobs import save_models
 from tests.system_tools import require

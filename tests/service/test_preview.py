@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.cli import SAMPLE_CLIP
-from service.media import MediaLimits, read_frames
+from coordtok.service.app import create_app
+from coordtok.service.cli import SAMPLE_CLIP
+from coordtok.service.media import MediaLimits, read_frames
 from tests.service.test_engine import CONFIG
 from tests.service.test_jobs import settings
 

@@ -3,8 +3,8 @@ non-recoverable device error is taken out of service while the other serves; wit
 /healthz fails so that an orchestrator restarts the process."""
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from coordtok.service.app import create_app
+from coordtok.service.settings import Settings
 from tests.service.test_app import video_file
 
 VIDEO = {"content-type": "video/mp4"}

@@ -12,10 +12,10 @@ import httpx
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
-from service import app as app_module
-from service import uploads as uploads_module
-from service.app import create_app
-from service.jobs import GenerateRequest, JobStore
+from coordtok.service import app as app_module
+from coordtok.service import uploads as uploads_module
+from coordtok.service.app import create_app
+from coordtok.service.jobs import GenerateRequest, JobStore
 from tests.service.test_app import video_file
 from tests.service.test_faults import settings
 from tests.service.test_jobs import wait
@@ -163,7 +163,7 @@ def test_bodies_are_bounded_while_they_stream_in(models, tmp_path):
 
 
 def test_token_bodies_are_bounded_by_what_max_clips_can_need(models, tmp_path):
-    from service.tokens import largest_file_bytes
+    from coordtok.service.tokens import largest_file_bytes
     from tests.service.test_engine import CONFIG
 
     with TestClient(create_app(settings(models, tmp_path, generator="none", max_clips=2))) as client:

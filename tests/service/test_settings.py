@@ -4,7 +4,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from coordtok.service.settings import Settings
 
 
 def test_defaults_are_sane_and_bounded():

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import torch
 
-from model import CoordTok, save_model
-from service.media import write_video
+from coordtok.model import CoordTok, save_model
+from coordtok.service.media import write_video
 from tests.service.test_engine import CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COORDTOK_DEVICES": '["cpu"]',
            "COORDTOK_BATCH_WAIT_MS": "2000", "COORDTOK_LOG_FORMAT": "text"}  # a request waits 2 s for company
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "coordtok.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                "--model", str(tmp_path / "small.safetensors")], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from model import CoordTok, preset
-from model.config import CoordTokConfig
-from model.triplane import video_to_patches
-from trainer.codec_init import check_layout, codec_init, fit_bases
-from trainer.views import random_patches
+from coordtok.model import CoordTok, preset
+from coordtok.model.config import CoordTokConfig
+from coordtok.model.triplane import video_to_patches
+from coordtok.trainer.codec_init import check_layout, codec_init, fit_bases
+from coordtok.trainer.views import random_patches
 
 # The smallest layout codec_init accepts: 16 frames of 32x32, a 4x4 / 2 x 4x4 triplane of 4
 # channels, 8x8 decoder patches, 2x2-cell query tokens (one 4x16x16 encoder token each).

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from service.media import write_video
-from trainer.data import Augment, VideoClips, list_videos
+from coordtok.service.media import write_video
+from coordtok.trainer.data import Augment, VideoClips, list_videos
 
 T, H, W = 8, 32, 32
 
@@ -128,10 +128,10 @@ def test_unreadable_file_is_skipped_counted_and_warned_once(corpus, caplog):
     good = [corpus / "ClassA" / "long.mp4", corpus / "ClassA" / "mid.MP4"]
     broken = corpus / "ClassB" / "broken.avi"
     dataset = VideoClips([good[0], broken, good[1]], T, H, W, clips_per_video=2)
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="coordtok.trainer.data"):
         items = [dataset[i] for i in range(len(dataset))] + [dataset[1], dataset[4]]
     assert dataset.skipped == 1
-    warnings = [r.getMessage() for r in caplog.records if r.name == "trainer.data"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "coordtok.trainer.data"]
     assert len(warnings) == 1 and str(broken) in warnings[0]
     assert all(video.shape == (T, H, W, 3) and n == T for video, n in items)
     # Items of the broken file come from the next readable one (mid.MP4), the same each time.

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from model import CoordTok, CoordTokConfig, save_model
-from model.clips import ClipLayout
-from service.media import read_frames, write_video
-from trainer import evaluate as ev
-from trainer.lpips import LPIPS
-from trainer.metrics import psnr, trilinear_baseline
+from coordtok.model import CoordTok, CoordTokConfig, save_model
+from coordtok.model.clips import ClipLayout
+from coordtok.service.media import read_frames, write_video
+from coordtok.trainer import evaluate as ev
+from coordtok.trainer.lpips import LPIPS
+from coordtok.trainer.metrics import psnr, trilinear_baseline
 
 TINY = CoordTokConfig(
     frames=8, height=32, width=32,

@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import CoordTok, CoordTokConfig, LatentStats, SiT, generate_triplanes, load_generator, load_model
-from model.checkpoint import file_sha256, read_metadata, save_model
-from model.generate import flatten, unflatten
-from service.media import write_video
-from trainer import distributed
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.data import VideoClips, list_videos
-from trainer.export import export_model
-from trainer.generator import GeneratorTrainer, main
-from trainer.generator_config import GeneratorConfig
+from coordtok.model import CoordTok, CoordTokConfig, LatentStats, SiT, generate_triplanes, load_generator, load_model
+from coordtok.model.checkpoint import file_sha256, read_metadata, save_model
+from coordtok.model.generate import flatten, unflatten
+from coordtok.service.media import write_video
+from coordtok.trainer import distributed
+from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from coordtok.trainer.data import VideoClips, list_videos
+from coordtok.trainer.export import export_model
+from coordtok.trainer.generator import GeneratorTrainer, main
+from coordtok.trainer.generator_config import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = CoordTokConfig(
@@ -192,7 +192,7 @@ def test_a_tokenizer_without_latent_stats_gets_them_measured_on_the_clips(tokeni
 def test_two_process_gloo_ddp_run(tokenizer, videos, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "trainer.generator", "--tokenizer", str(tokenizer), "--videos", str(videos),
+               "-m", "coordtok.trainer.generator", "--tokenizer", str(tokenizer), "--videos", str(videos),
                "--run-dir", str(tmp_path), "--model-overrides", json.dumps(SMALL_SIT), "--batch-size", "2",
                "--steps", "3", "--workers", "0", "--clips-per-video", "2", "--log-every", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

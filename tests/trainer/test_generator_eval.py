@@ -1,7 +1,7 @@
 """trainer.generator_eval: the measurements tell a mosaic from video, and a copy from a sample."""
 import torch
 
-from trainer.generator_eval import boundary_ratio, frechet_distance, nearest_distances, temporal_change
+from coordtok.trainer.generator_eval import boundary_ratio, frechet_distance, nearest_distances, temporal_change
 
 
 def smooth_video(frames: int = 4, size: int = 32) -> torch.Tensor:

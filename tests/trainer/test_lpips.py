@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.lpips import LPIPS, STAGE_CHANNELS, load_lpips, lpips_video
+from coordtok.trainer.lpips import LPIPS, STAGE_CHANNELS, load_lpips, lpips_video
 
 
 @pytest.fixture(scope="module")

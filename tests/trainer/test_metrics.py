@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline
+from coordtok.trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline
 
 
 def video(seed: int, shape=(2, 3, 24, 32)) -> torch.Tensor:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import load_model
-from model.triplane import PLANES
-from service.media import write_video
-from trainer import distributed
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.config import TrainConfig
-from trainer.tokenizer import Trainer, main
+from coordtok.model import load_model
+from coordtok.model.triplane import PLANES
+from coordtok.service.media import write_video
+from coordtok.trainer import distributed
+from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from coordtok.trainer.config import TrainConfig
+from coordtok.trainer.tokenizer import Trainer, main
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = {
@@ -80,7 +80,7 @@ def test_export_loads_and_reconstructs(videos, tmp_path):
         expected = trainer.model.decode_video(trainer.model.encode(video[None], torch.tensor([n])))
         actual = exported.decode_video(exported.encode(video[None], torch.tensor([n])))
     torch.testing.assert_close(actual, expected)
-    from model.checkpoint import read_metadata
+    from coordtok.model.checkpoint import read_metadata
 
     stats = json.loads(read_metadata(tmp_path / "export.safetensors")["latent_stats"])
     assert set(stats) == set(PLANES)
@@ -134,7 +134,7 @@ def test_cli_resume_continues_from_the_last_checkpoint(videos, tmp_path):
 def test_two_process_gloo_ddp_run(videos, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "trainer.tokenizer", "--videos", str(videos), "--run-dir", str(tmp_path),
+               "-m", "coordtok.trainer.tokenizer", "--videos", str(videos), "--run-dir", str(tmp_path),
                "--model-overrides", json.dumps(SMALL_MODEL), "--batch-size", "1", "--steps", "3",
                "--points", "32", "--workers", "0", "--cache", "--log-every", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
