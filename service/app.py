@@ -41,10 +41,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Router
 
+from coordtok.formats import tokens
+from coordtok.formats import video as media
 from coordtok.model import CoordTok, PRESETS, load_model
 from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from coordtok.model.clips import ClipLayout, policy_for
-from coordtok.service import jobs, media, tokens, uploads
+from coordtok.service import jobs, uploads
 from coordtok.service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
 from coordtok.service.metrics import Metrics
 from coordtok.service.settings import Settings, unknown_variables

@@ -213,7 +213,7 @@ def _token_format_of(path: str) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from coordtok.service import tokens
+    from coordtok.formats import tokens
 
     fmt = _token_format_of(args.output)
     if not Path(args.video).is_file():
@@ -228,7 +228,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from coordtok.service import tokens
+    from coordtok.formats import tokens
 
     fmt = Path(args.output).suffix.lstrip(".")
     if fmt not in ("mp4", "webm", "npy"):

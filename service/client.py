@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from coordtok.service import tokens as token_files
-from coordtok.service.tokens import Tokens
+from coordtok.formats import tokens as token_files
+from coordtok.formats.tokens import Tokens
 
 UPLOAD_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska", ".mov": "video/quicktime"}
 

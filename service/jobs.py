@@ -50,14 +50,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 
+from coordtok.formats import tokens
+from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS, write_video
 from coordtok.model import LatentStats, SiT, Triplane, generate_triplanes
 from coordtok.model.checkpoint import DEFAULT_GENERATOR, file_sha256
 from coordtok.model.clips import policy_for
 from coordtok.model.checkpoint import load_generator as load_sit
 from coordtok.model.config import CoordTokConfig
 from coordtok.model.transport import SAMPLERS, SamplingCancelled
-from coordtok.service import tokens
-from coordtok.service.media import FALLBACK_FPS, MAX_FPS, MIN_FPS, write_video
 
 log = logging.getLogger("coordtok.jobs")
 

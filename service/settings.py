@@ -19,7 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from coordtok.service.media import MediaLimits
+from coordtok.formats.video import MediaLimits
 
 
 def default_jobs_dir() -> Path:

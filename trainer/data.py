@@ -1,6 +1,6 @@
 """Training data: folders of video files -> fixed-length clips for CoordTok.
 
-Videos are decoded by `service.media` (the server's decoder) and cut into clips of T frames at a
+Videos are decoded by `formats.video` (as the server decodes them) and cut into clips of T frames at a
 random start. Without augmentation a frame is resized with the paper's policy (short side resized,
 centre-cropped); with `Augment`, each clip is a random view (resized square crop, flip, time
 reversal, frame stride, short clip). A window shorter than T becomes a full clip by the model's clip
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from coordtok.formats.video import FALLBACK_FPS, MediaError, MediaLimits, VideoInfo, probe, read_frames
 from coordtok.model.clips import ClipLayout
 from coordtok.model.triplane import from_uint8
-from coordtok.service.media import FALLBACK_FPS, MediaError, MediaLimits, VideoInfo, probe, read_frames
 
 log = logging.getLogger(__name__)
 

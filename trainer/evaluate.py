@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coordtok.formats.video import FALLBACK_FPS, MediaError, MediaLimits, read_frames
 from coordtok.model import PRESETS, CoordTok, load_model
 from coordtok.model.checkpoint import file_sha256
 from coordtok.model.clips import POLICIES, ClipLayout, policy_for
 from coordtok.model.triplane import from_uint8, to_uint8
-from coordtok.service.media import FALLBACK_FPS, MediaError, MediaLimits, read_frames
 from coordtok.trainer.data import list_videos
 from coordtok.trainer.lpips import LPIPS, load_lpips, lpips_video
 from coordtok.trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline

@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 
-from coordtok.service.media import write_video
+from coordtok.formats.video import write_video
 from tests.deploy.deployment import RULES, PROMETHEUS_CONFIG, dashboard_queries, rendered_prometheus_config, with_values
 from tests.service.server_process import free_port, running_server
 from tests.service.test_jobs import save_models

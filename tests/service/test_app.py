@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from coordtok.model import CoordTok, save_model
 from coordtok.service.app import create_app
-from coordtok.service.media import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames, write_video
 from coordtok.service.settings import Settings
 from tests.service.test_engine import CONFIG
 from tests.system_tools import require

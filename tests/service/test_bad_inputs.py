@@ -17,10 +17,10 @@ from safetensors.torch import save as save_safetensors
 from coordtok.model import CoordTok, Triplane, save_model
 from coordtok.service.app import create_app
 from coordtok.service.settings import Settings
-from coordtok.service.tokens import Tokens, serialise
+from coordtok.formats.tokens import Tokens, serialise
 from tests.service.test_app import video_file
 from tests.service.test_engine import CONFIG
-from tests.service.test_media import encode, make_bad_file, ramp_video, raw_h264
+from tests.formats.test_video import encode, make_bad_file, ramp_video, raw_h264
 
 TOKEN_TYPES = {"safetensors": "application/vnd.coordtok.tokens+safetensors", "npz": "application/x-npz",
                "json": "application/json"}

@@ -15,8 +15,8 @@ from coordtok.model import CoordTok
 from coordtok.model.clips import ClipLayout
 from coordtok.model.triplane import Triplane, from_uint8, to_uint8
 from coordtok.service.app import create_app
-from coordtok.service.media import read_frames
-from coordtok.service.tokens import Tokens, serialise
+from coordtok.formats.video import read_frames
+from coordtok.formats.tokens import Tokens, serialise
 from tests.service.test_app import settings, video_file, weights  # noqa: F401  (weights is a fixture)
 from tests.service.test_engine import CONFIG  # 8 frames at 16x16
 

@@ -26,14 +26,14 @@ from fastapi.testclient import TestClient
 
 from coordtok.model import Triplane
 from coordtok.service import app as app_module
-from coordtok.service import media
+from coordtok.formats import video as media
 from coordtok.service.app import create_app
-from coordtok.service.tokens import Tokens, plane_shapes, serialise
+from coordtok.formats.tokens import Tokens, plane_shapes, serialise
 from tests.service.server_process import ROOT, peak_growth, server_process
 from tests.service.test_app import video_file
 from tests.service.test_engine import CONFIG
 from tests.service.test_faults import settings
-from tests.service.test_media import encode, raw_h264
+from tests.formats.test_video import encode, raw_h264
 
 VIDEO = {"content-type": "video/mp4"}
 SAFETENSORS = {"content-type": "application/vnd.coordtok.tokens+safetensors"}
@@ -481,8 +481,8 @@ _WRITE_RESULTS = """
 import hashlib, io, json, sys
 import numpy as np, torch
 from coordtok.model import Triplane
-from coordtok.service.media import write_video
-from coordtok.service.tokens import Tokens, serialise
+from coordtok.formats.video import write_video
+from coordtok.formats.tokens import Tokens, serialise
 frames = np.random.default_rng(0).integers(0, 256, (6, 33, 48, 3), dtype=np.uint8)
 planes = [torch.from_numpy(np.random.default_rng(k).standard_normal((1, 4, 4, 4)).astype(np.float32)) for k in range(3)]
 meta = {key: str(k) for k, key in enumerate("model_id weights_sha256 frames_per_clip n_frames source_fps fps source_size geometry".split())}

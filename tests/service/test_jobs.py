@@ -14,9 +14,9 @@ from coordtok.model.checkpoint import file_sha256
 from coordtok.service.app import create_app
 from coordtok.service.cli import main
 from coordtok.service.jobs import GenerateRequest, JobStore
-from coordtok.service.media import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames, write_video
 from coordtok.service.settings import Settings
-from coordtok.service.tokens import parse
+from coordtok.formats.tokens import parse
 from tests.service.test_engine import CONFIG
 from tests.system_tools import require
 

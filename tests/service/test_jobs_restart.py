@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from coordtok.service.cli import main
-from coordtok.service.media import MediaLimits, read_frames
+from coordtok.formats.video import MediaLimits, read_frames
 from tests.service.test_jobs import save_models
 
 ROOT = Path(__file__).resolve().parents[2]

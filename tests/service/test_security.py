@@ -163,7 +163,7 @@ def test_bodies_are_bounded_while_they_stream_in(models, tmp_path):
 
 
 def test_token_bodies_are_bounded_by_what_max_clips_can_need(models, tmp_path):
-    from coordtok.service.tokens import largest_file_bytes
+    from coordtok.formats.tokens import largest_file_bytes
     from tests.service.test_engine import CONFIG
 
     with TestClient(create_app(settings(models, tmp_path, generator="none", max_clips=2))) as client:

@@ -9,7 +9,7 @@ import torch
 
 from coordtok.model import CoordTok, CoordTokConfig, save_model
 from coordtok.model.clips import ClipLayout
-from coordtok.service.media import read_frames, write_video
+from coordtok.formats.video import read_frames, write_video
 from coordtok.trainer import evaluate as ev
 from coordtok.trainer.lpips import LPIPS
 from coordtok.trainer.metrics import psnr, trilinear_baseline

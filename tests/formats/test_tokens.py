@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from coordtok.model import Triplane, preset
-from coordtok.service.tokens import FORMATS, TokenError, Tokens, parse, serialise
+from coordtok.formats.tokens import FORMATS, TokenError, Tokens, parse, serialise
 
 CONFIG = preset("coordtok-tiny")  # xy [16, 16, 8], yt/xt [32, 16, 8]
 
@@ -116,7 +116,7 @@ def test_malformed_headers_and_metadata_are_token_errors(fmt, data):
 
 
 def test_the_largest_acceptable_file_fits_the_body_bound():
-    from coordtok.service.tokens import largest_file_bytes
+    from coordtok.formats.tokens import largest_file_bytes
 
     biggest = tokens(4)
     for fmt in FORMATS:

@@ -1,4 +1,4 @@
-"""service.media: probing, decoding, resizing, time selection, limits, typed errors, encoding."""
+"""formats.video: probing, decoding, resizing, time selection, limits, typed errors, encoding."""
 import io
 from fractions import Fraction
 
@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from coordtok.service.media import (
+from coordtok.formats.video import (
     CorruptMedia,
     MediaLimits,
     MediaTooLarge,
