@@ -292,7 +292,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.ready.set(1)
         yield
         metrics.ready.set(0)
-        engine.accepting = False
+        engine.stopping.set()
         if lane is not None:  # the running job stops at its next step and goes back to the queue
             await run_in_threadpool(lane.stop, settings.drain_timeout_s)
             sweeper.cancel()

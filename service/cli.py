@@ -177,7 +177,7 @@ class DrainingServer(uvicorn.Server):
         engine = getattr(self.app.state, "engine", None)
         if engine is None or not engine.accepting:  # not started, or a second signal: exit now
             return super().handle_exit(sig, frame)
-        engine.accepting = False
+        engine.stopping.set()  # the one stop signal: no new work, the generation lane requeues its job
 
         def drain() -> None:
             deadline = time.monotonic() + self.drain_timeout_s

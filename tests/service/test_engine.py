@@ -11,7 +11,7 @@ import torch
 
 from coordtok.model import CoordTok, CoordTokConfig
 from coordtok.model import Triplane
-from coordtok.service import engine as engine_module
+from coordtok.service.engine import worker as worker_module
 from coordtok.service.engine import DeadlineExceeded, DeviceFailure, Engine, NotReady, QueueFull
 
 CONFIG = CoordTokConfig(
@@ -138,7 +138,7 @@ def fail_with(message: str):
 
 
 def test_a_device_whose_probe_keeps_failing_is_taken_out_of_service(model, monkeypatch):
-    monkeypatch.setattr(engine_module, "PROBE_PAUSE_S", 0.01)
+    monkeypatch.setattr(worker_module, "PROBE_PAUSE_S", 0.01)
     engine = make_engine(model, batch_wait_ms=0)
     worker = engine.workers[0]
     worker.run = fail_with("the model broke")
@@ -151,7 +151,7 @@ def test_a_device_whose_probe_keeps_failing_is_taken_out_of_service(model, monke
     try:
         with pytest.raises(DeviceFailure, match="the model broke") as failure:
             asyncio.run(encode())
-        assert failure.value.http_status == 500 and len(probes) == engine_module.PROBE_ATTEMPTS
+        assert failure.value.http_status == 500 and len(probes) == worker_module.PROBE_ATTEMPTS
         assert not engine.ready and not engine.alive and engine.states() == {"cpu": "out of service"}
         with pytest.raises(NotReady, match="no device is in service"):
             asyncio.run(encode())
