@@ -1,12 +1,12 @@
 """Token files: the triplanes of a video's clips, serialised as safetensors, .npz or JSON.
 
 Every format carries the three planes with a leading clip axis, `xy [K, Rxy, Rxy, C]`,
-`yt [K, Rt, Rxy, C]`, `xt [K, Rt, Rxy, C]`, and metadata (model id, weights hash, frames per clip,
-valid frames of each clip, source fps and size, ...): in the safetensors header (strings, values
-that are lists or objects JSON-encoded, as safetensors requires), as a `__metadata__` JSON string
-entry of the .npz, or as a `metadata` object in JSON. In the .npz and JSON files values are plain
-JSON (`"n_frames": [41]`); files that hold them as JSON-encoded strings (`"n_frames": "[41]"`, as
-older servers wrote) read the same. In Python, `Tokens.metadata` holds strings, as in safetensors.
+`yt [K, Rt, Rxy, C]`, `xt [K, Rt, Rxy, C]`, and metadata (`TokenMetadata`: model id, weights hash,
+frames per clip, valid frames of each clip, source fps and size, ...): in the safetensors header
+(strings, values that are lists or objects JSON-encoded, as safetensors requires), as a
+`__metadata__` JSON string entry of the .npz, or as a `metadata` object in JSON. In the .npz and
+JSON files values are typed JSON (`"n_frames": [41]`, `"fps": 25`); files that hold them as
+JSON-encoded strings (`"n_frames": "[41]"`, as older servers wrote) read the same.
 
 The same tokens give the same bytes in every format and process.
 
@@ -14,7 +14,9 @@ Nothing from the network reaches the model unchecked: `parse` bounds the declare
 anything is allocated or decompressed (every .npz member's declared and decompressed size, the
 JSON value count, the safetensors header), and checks the format, dtypes, shapes against the
 serving model, finiteness and (when the file names one) the model's identity. Every failure is a
-`TokenError` whose message says what was expected.
+`TokenError` whose message says what was expected. Metadata is checked where it is used
+(`TokenMetadata.clip_layout`, `frame_rate`, `source_geometry`): a file whose unused entries are odd
+still decodes.
 """
 from __future__ import annotations
 
@@ -23,12 +25,17 @@ import json
 import math
 import struct
 import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
+from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS, Geometry
+from coordtok.model.clips import ClipLayout
 from coordtok.model.config import CoordTokConfig
 from coordtok.model.triplane import PLANES, Triplane
 
@@ -47,15 +54,212 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 
 
 class TokenError(ValueError):
-    """A token file that cannot be used with the serving model (HTTP 422)."""
+    """A token file that cannot be used with the serving model."""
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How source frames were mapped to the model's frame size (the metadata's 'geometry'): the
+    `Geometry` fields that do not depend on the frame sizes. Boxes are (top, left, height, width)."""
+
+    policy: str
+    scaled: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    pad: tuple[int, int, int, int]
+
+    @classmethod
+    def of(cls, geometry: Geometry) -> Resize:
+        return cls(geometry.policy, geometry.scaled, geometry.crop, geometry.pad)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenMetadata(Mapping[str, str]):
+    """What a token file says about its clips, as typed values; None where it does not say.
+
+    model_id, weights_sha256: the model that made the tokens (`name@hash`) and its weights' sha256.
+    frames_per_clip: the model's clip length T. n_frames: the source frames each clip holds;
+    clip_starts: each clip's first source frame; clip_policy: how clips lie in the video
+    (model/clips.py). source_fps: the source's rate (0: unknown); fps: the rate its frames were
+    read at (a decode's default). source_size: the source frames' (height, width); geometry: how
+    they were resized to the model's. extra: other entries (a generated file's seed, sampler, ...),
+    as stored. unreadable: entries of the fields above whose value is not of the field's type, as
+    stored: the file still round-trips, and the check that needs such an entry refuses it.
+
+    It also reads as the str -> str mapping a safetensors header stores (lists and objects
+    JSON-encoded, rates to 6 significant digits), `metadata["n_frames"] == "[8, 8]"`, and two
+    metadata are equal when they store the same.
+    """
+
+    model_id: str | None = None
+    weights_sha256: str | None = None
+    frames_per_clip: int | None = None
+    n_frames: tuple[int, ...] | None = None
+    clip_starts: tuple[int, ...] | None = None
+    clip_policy: str | None = None
+    source_fps: float | None = None
+    fps: float | None = None
+    source_size: tuple[int, int] | None = None
+    geometry: Resize | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+    unreadable: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.extra) & set(_CODECS) or set(self.unreadable) - set(_CODECS):
+            raise ValueError(f"extra entries are those not among {sorted(_CODECS)}, unreadable ones among them")
+
+    @classmethod
+    def read(cls, entries: Mapping) -> TokenMetadata:
+        """A file's metadata (plain JSON values, or the JSON-encoded strings of safetensors and
+        older files) -> TokenMetadata. Never fails: an entry of the wrong type is `unreadable`."""
+        typed, extra, unreadable = {}, {}, {}
+        for key, value in entries.items():
+            key = str(key)
+            if key not in _CODECS:
+                extra[key] = _text(value)
+                continue
+            try:
+                typed[key] = _CODECS[key].read(value)
+            except (TypeError, ValueError, OverflowError, RecursionError):
+                unreadable[key] = _text(value)
+        return cls(**typed, extra=extra, unreadable=unreadable)
+
+    @cached_property
+    def stored(self) -> dict[str, str]:
+        """The entries as strings, sorted by key (what a safetensors header holds)."""
+        entries = {**self.extra, **self.unreadable}
+        for key, codec in _CODECS.items():
+            if (value := getattr(self, key)) is not None:
+                entries[key] = codec.write(value)
+        return dict(sorted(entries.items()))
+
+    def plain(self) -> dict:
+        """The entries as JSON values, sorted by key (what .npz and JSON files hold): text fields
+        as strings, other fields by their type, other entries as the JSON value their text
+        encodes exactly, if any ("8" -> 8; "12e45" stays a string)."""
+        return {key: text if _CODECS.get(key) is _TEXT else _plain_value(text) for key, text in self.stored.items()}
+
+    def __getitem__(self, key: str) -> str:
+        return self.stored[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def clip_layout(self, clips: int, frames_per_clip: int) -> ClipLayout:
+        """Where the `clips` clips lie in their video (model/clips.py) for a model of
+        `frames_per_clip` frames: 'n_frames' (every clip whole when absent), 'clip_starts'
+        (default: consecutive, by the running sum of 'n_frames') and 'clip_policy' (default "pad",
+        what servers wrote before the policy was recorded). TokenError when they describe no
+        such layout."""
+        if {"n_frames", "clip_starts"} & set(self.unreadable):
+            raise TokenError("metadata 'n_frames' and 'clip_starts' must be JSON lists of frame counts")
+        lengths = self.n_frames or (frames_per_clip,) * clips
+        starts = self.clip_starts if self.clip_starts is not None else tuple(sum(lengths[:k]) for k in range(len(lengths)))
+        if len(lengths) != clips or len(starts) != clips:
+            raise TokenError(f"metadata 'n_frames' and 'clip_starts' must list {clips} values, one per clip")
+        try:
+            return ClipLayout(starts, lengths, frames_per_clip, self.clip_policy or "pad")
+        except ValueError as error:
+            raise TokenError(f"metadata describes an impossible clip layout: {error}") from None
+
+    def frame_rate(self) -> float:
+        """The rate the frames were read at ('fps'), FALLBACK_FPS when absent; TokenError when it
+        is no frame rate from MIN_FPS to MAX_FPS."""
+        if "fps" in self.unreadable or (self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS):
+            raise TokenError(f"metadata 'fps' must be a frame rate from {MIN_FPS:g} to {MAX_FPS:g}, "
+                             f"got {self['fps'][:20]!r}")
+        return FALLBACK_FPS if self.fps is None else self.fps
+
+    def source_geometry(self, output: tuple[int, int]) -> Geometry | None:
+        """How the source frames became the model's `output` (height, width) frames, from
+        'source_size' and 'geometry'; None when either is absent or unreadable."""
+        if self.source_size is None or self.geometry is None:
+            return None
+        g = self.geometry
+        return Geometry(g.policy, self.source_size, g.scaled, output, g.crop, g.pad)
+
+
+class _Codec(NamedTuple):
+    """How a field of TokenMetadata is read from a file's value and written as stored text."""
+
+    read: Callable[[object], object]
+    write: Callable[[object], str]
+
+
+def _text(value) -> str:
+    """A file's value as stored text: a string as it is, another JSON value JSON-encoded."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _decoded(value):
+    """A file's value: JSON-encoded in a string (safetensors, older files), else plain JSON."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _count(value) -> int:
+    if type(value := _decoded(value)) is not int:
+        raise ValueError("expected an integer")
+    return value
+
+
+def _counts(value, n: int | None = None) -> tuple[int, ...]:
+    """A list of integers (`n` of them when given) as a tuple."""
+    value = _decoded(value)
+    if not isinstance(value, list) or not all(type(v) is int for v in value) or (n is not None and len(value) != n):
+        raise ValueError(f"expected a list of {n or 'some'} integers")
+    return tuple(value)
+
+
+def _rate(value) -> float:
+    """A finite number; a string as Python reads a float ("25", "29.97": what servers wrote)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not math.isfinite(rate := float(value)):
+        raise ValueError("expected a finite number")
+    return rate
+
+
+def _resize(value) -> Resize:
+    value = _decoded(value)
+    if not isinstance(value, dict) or set(value) != {"policy", "scaled", "crop", "pad"} or not isinstance(value["policy"], str):
+        raise ValueError("expected an object of policy, scaled, crop and pad")
+    return Resize(value["policy"], _counts(value["scaled"], 2), _counts(value["crop"], 4), _counts(value["pad"], 4))
+
+
+def _list_text(values: tuple) -> str:
+    return json.dumps(list(values))
+
+
+def _resize_text(g: Resize) -> str:
+    return json.dumps({"policy": g.policy, "scaled": list(g.scaled), "crop": list(g.crop), "pad": list(g.pad)})
+
+
+_TEXT = _Codec(_text, str)
+_RATE = _Codec(_rate, lambda rate: f"{rate:g}")
+_CODECS = {
+    "model_id": _TEXT, "weights_sha256": _TEXT, "clip_policy": _TEXT,
+    "frames_per_clip": _Codec(_count, str),
+    "n_frames": _Codec(_counts, _list_text), "clip_starts": _Codec(_counts, _list_text),
+    "source_fps": _RATE, "fps": _RATE,
+    "source_size": _Codec(lambda value: _counts(value, 2), _list_text),
+    "geometry": _Codec(_resize, _resize_text),
+}
 
 
 @dataclass
 class Tokens:
-    """The triplanes of K clips (a Triplane whose batch axis is the clip axis) and metadata."""
+    """The triplanes of K clips (a Triplane whose batch axis is the clip axis) and metadata.
+
+    `metadata` may be given as a mapping of a file's entries (str -> str as safetensors stores
+    them, or plain JSON values); it is read into a TokenMetadata."""
 
     triplane: Triplane
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: TokenMetadata = field(default_factory=TokenMetadata)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "metadata" and not isinstance(value, TokenMetadata):
+            value = TokenMetadata.read(value)
+        super().__setattr__(name, value)
 
     @property
     def clips(self) -> int:
@@ -80,10 +284,9 @@ def largest_file_bytes(config: CoordTokConfig, max_clips: int) -> int:
 def serialise(tokens: Tokens, fmt: str) -> bytes:
     """Tokens -> bytes in `fmt` (safetensors, npz or json); planes are written as float32."""
     planes = {name: plane.detach().float().cpu().contiguous() for name, plane in zip(PLANES, tokens.triplane.planes())}
-    metadata = dict(sorted(tokens.metadata.items()))
     if fmt == "safetensors":
-        return _write_safetensors(planes, metadata)
-    plain = {key: _plain_value(value) for key, value in metadata.items()}
+        return _write_safetensors(planes, tokens.metadata.stored)
+    plain = tokens.metadata.plain()
     if fmt == "npz":
         buffer = io.BytesIO()
         np.savez(buffer, **{k: v.numpy() for k, v in planes.items()}, **{_NPZ_METADATA: np.array(json.dumps(plain))})
@@ -118,11 +321,10 @@ def _plain_value(text: str):
     return value if not isinstance(value, str) and json.dumps(value) == text else text
 
 
-def _metadata_strings(metadata: dict, what: str) -> dict[str, str]:
-    """Metadata as read from a file -> strings: plain JSON values JSON-encoded, strings kept."""
+def _metadata(metadata, what: str) -> TokenMetadata:
     if not isinstance(metadata, dict):
         raise TokenError(f"{what} must be a JSON object")
-    return {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    return TokenMetadata.read(metadata)
 
 
 def parse(data: bytes, fmt: str, config: CoordTokConfig | None, max_clips: int, model_id: str | None = None) -> Tokens:
@@ -144,8 +346,8 @@ def parse(data: bytes, fmt: str, config: CoordTokConfig | None, max_clips: int, 
     for name, plane in planes.items():
         if not bool(torch.isfinite(plane).all()):
             raise TokenError(f"plane {name!r} holds NaN or Inf values")
-    if model_id is not None and metadata.get("model_id", model_id) != model_id:
-        raise TokenError(f"these tokens were made by model {metadata['model_id']!r}; this server serves {model_id!r}")
+    if model_id is not None and metadata.model_id not in (None, model_id):
+        raise TokenError(f"these tokens were made by model {metadata.model_id!r}; this server serves {model_id!r}")
     return Tokens(Triplane(*(planes[name] for name in PLANES)), metadata)
 
 
@@ -166,7 +368,7 @@ def _require_planes(found: set[str]) -> None:
         raise TokenError(f"the token file lacks the planes {missing}; it must hold {list(PLANES)}")
 
 
-def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], TokenMetadata]:
     if len(data) < 8:
         raise TokenError("not a safetensors file: shorter than its 8-byte header length")
     (header_length,) = struct.unpack("<Q", data[:8])
@@ -190,7 +392,7 @@ def _read_safetensors(data: bytes, expected, max_clips) -> tuple[dict[str, torch
         tensors = load_safetensors(data)
     except Exception as error:  # the library raises its own error types for malformed files
         raise TokenError(f"the safetensors file is malformed: {error}") from None
-    return {name: tensors[name].float() for name in PLANES}, {str(k): str(v) for k, v in metadata.items()}
+    return {name: tensors[name].float() for name in PLANES}, TokenMetadata.read(metadata)
 
 
 def _check_zip_directory(data: bytes) -> None:
@@ -231,7 +433,7 @@ def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int, c
     return np.lib.format.read_array(buffer, allow_pickle=False)
 
 
-def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], TokenMetadata]:
     _check_zip_directory(data)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -252,7 +454,7 @@ def _read_npz(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor]
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as error:
         raise TokenError(f"not a valid .npz token file: {error}") from None
-    return planes, _metadata_strings(metadata, "the .npz metadata")
+    return planes, _metadata(metadata, "the .npz metadata")
 
 
 def _check_plane_header(name: str, shape: tuple[int, ...], dtype: np.dtype, expected, max_clips: int) -> None:
@@ -274,7 +476,7 @@ def _json(text: bytes | str, what: str):
         raise TokenError(f"{what} is not valid JSON: {str(error)[:200]}") from None
 
 
-def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor], TokenMetadata]:
     if expected:  # every value but the last is followed by a comma: bound the values before parsing
         values = max_clips * sum(math.prod(shape) for shape in expected.values()) + _MAX_METADATA_BYTES // 8
         if data.count(b",") > values:
@@ -292,4 +494,4 @@ def _read_json(data: bytes, expected, max_clips) -> tuple[dict[str, torch.Tensor
             raise TokenError(f"plane {name!r} is not a nested list of numbers of one shape") from None
         _check_declared(name, array.shape, expected, max_clips)
         planes[name] = torch.from_numpy(array)
-    return planes, _metadata_strings(document.get("metadata") or {}, "metadata")
+    return planes, _metadata(document.get("metadata") or {}, "metadata")

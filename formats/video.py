@@ -4,13 +4,13 @@ Shared by the trainer and the server, so both see the same pixels. Every input i
 `MediaLimits`: the container/stream header is checked before decoding (`probe`), and the same limits
 are enforced again on every decoded frame, so a file whose header lies is still stopped.
 
-Errors form one hierarchy, each with the HTTP status a server should answer with:
+Errors form one hierarchy under `MediaError` (what each means to a client: service/errors.py):
 
-- `UnsupportedMedia` (415): not a video container, audio only, or a codec FFmpeg cannot decode.
-- `CorruptMedia` (422): an empty or truncated file, a container without a readable stream, or a
-  stream that fails to decode.
-- `MediaTooLarge` (413): the header or the decoded frames exceed the limits (`TooManyFrames`: a
-  request's own frame limit).
+- `UnsupportedMedia`: not a video container, audio only, or a codec FFmpeg cannot decode.
+- `CorruptMedia`: an empty or truncated file, a container without a readable stream, or a stream
+  that fails to decode.
+- `MediaTooLarge`: the header or the decoded frames exceed the limits (`TooManyFrames`: a request's
+  own frame limit).
 
 A still image FFmpeg reads (PNG, JPEG, ...) is a video of one frame; a PNG's size is checked from
 its header before FFmpeg sees it.
@@ -33,6 +33,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -56,31 +57,49 @@ MIN_FPS, MAX_FPS = 0.1, 1000.0
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Slack for float comparisons of times, on top of half the stream's time base.
 _TIME_EPS = 1e-6
-_CODECS = {"h264": ("mp4", "libx264"), "vp9": ("webm", "libvpx-vp9")}
+
+
+@dataclass(frozen=True)
+class VideoFormat:
+    """A format decoded frames are written in: its media type and the `write_video` codec (None:
+    the uint8 frames as an .npy array)."""
+
+    media_type: str
+    codec: str | None
+
+
+# The one table of output formats, by name (the file extension, and FFmpeg's muxer for a video codec).
+OUTPUT_FORMATS = {
+    "mp4": VideoFormat("video/mp4", "h264"),
+    "webm": VideoFormat("video/webm", "vp9"),
+    "npy": VideoFormat("application/x-npy", None),
+}
+# Media types of the containers uploads usually come in, by file extension.
+UPLOAD_TYPES = {
+    **{name: f.media_type for name, f in OUTPUT_FORMATS.items() if f.codec is not None},
+    "avi": "video/x-msvideo", "mkv": "video/x-matroska", "mov": "video/quicktime",
+}
+# write_video's codecs: the FFmpeg encoder and encoder options of each.
+_ENCODERS = {
+    "h264": ("libx264", {"crf": "18"}),
+    "vp9": ("libvpx-vp9", {"crf": "32", "b": "0", "deadline": "good", "cpu-used": "4"}),
+}
 
 
 class MediaError(Exception):
-    """Base of every error about the media itself; `http_status` is what a server answers."""
-
-    http_status = 400
+    """Base of every error about the media itself."""
 
 
 class UnsupportedMedia(MediaError):
     """Not a video container, no video stream, or a codec this build of FFmpeg cannot decode."""
 
-    http_status = 415
-
 
 class CorruptMedia(MediaError):
     """A recognised container that is empty, truncated or fails to decode."""
 
-    http_status = 422
-
 
 class MediaTooLarge(MediaError):
     """The video exceeds a `MediaLimits` bound (read from the header or met while decoding)."""
-
-    http_status = 413
 
 
 class TooManyFrames(MediaTooLarge):
@@ -587,18 +606,18 @@ def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str
     to a path has its index at the front (faststart) for progressive playback; to a file object it
     is at the end. `check_stop` is called before each frame.
     """
-    if codec not in _CODECS:
-        raise ValueError(f"codec must be one of {tuple(_CODECS)}, got {codec!r}")
+    if codec not in _ENCODERS:
+        raise ValueError(f"codec must be one of {tuple(_ENCODERS)}, got {codec!r}")
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be uint8 [T>0, H, W, 3], got {frames.dtype} {frames.shape}")
     check_fps(fps, "the output rate")
-    container_format, encoder = _CODECS[codec]
+    container_format = next(name for name, f in OUTPUT_FORMATS.items() if f.codec == codec)
+    encoder, encoder_options = _ENCODERS[codec]
     if codec == "h264" and (frames.shape[1] % 2 or frames.shape[2] % 2):
         frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
     is_path = isinstance(path_or_file, (str, os.PathLike))
     options = {"fflags": "+bitexact", **({"movflags": "faststart"} if codec == "h264" and is_path else {})}
-    encoder_options = {"crf": "18"} if codec == "h264" else {"crf": "32", "b": "0", "deadline": "good", "cpu-used": "4"}
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(path_or_file, mode="w", format=container_format, options=options) as container:
         stream = container.add_stream(encoder, rate=rate, options=encoder_options)
@@ -608,6 +627,17 @@ def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str
                 check_stop()
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
+
+
+def video_bytes(frames: np.ndarray, fps: float, fmt: str, check_stop: Callable[[], None] | None = None) -> bytes:
+    """uint8 `[T, H, W, 3]` frames as a file of output format `fmt` (see OUTPUT_FORMATS) at `fps`."""
+    buffer = io.BytesIO()
+    codec = OUTPUT_FORMATS[fmt].codec
+    if codec is None:
+        np.save(buffer, frames, allow_pickle=False)
+    else:
+        write_video(frames, buffer, fps, codec=codec, check_stop=check_stop)
+    return buffer.getvalue()
 
 
 def check_restorable(geometry: Geometry) -> None:

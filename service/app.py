@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.metadata
-import io
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ from coordtok.model import CoordTok, PRESETS, load_model
 from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from coordtok.model.clips import ClipLayout, policy_for
 from coordtok.service import jobs, uploads
+from coordtok.service.errors import ERROR_CONTENT, BodyTimeout, BodyTooLarge, RequestError, error_response, refusal
 from coordtok.service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
 from coordtok.service.metrics import Metrics
 from coordtok.service.settings import Settings, unknown_variables
@@ -62,21 +62,23 @@ _OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/", "/favicon.ico"}
 _OPEN_PREFIX = "/static/"
 STATIC_DIR = Path(__file__).with_name("static")  # the playground (service/static/)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-VIDEO_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "npy": "application/x-npy"}
-_VIDEO_CODECS = {"mp4": "h264", "webm": "vp9"}
+VIDEO_TYPES = {name: f.media_type for name, f in media.OUTPUT_FORMATS.items()}
+# Query patterns of the answer formats.
+_VIDEO_FORMAT = "^(" + "|".join(media.OUTPUT_FORMATS) + ")$"
+_TOKEN_FORMAT = "^(" + "|".join(tokens.FORMATS) + ")$"
 # Body limit of the routes that take no upload (a generate request is well under 1 KiB).
 _SMALL_BODY_BYTES = 64 * 1024
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 # Request bodies the routes read themselves (streamed and bounded), declared for the OpenAPI spec.
 _ENCODE_BODY = {"requestBody": {"required": True, "content": {
-    "video/mp4": _BINARY, "video/webm": _BINARY, "application/octet-stream": _BINARY,
+    **{f.media_type: _BINARY for f in media.OUTPUT_FORMATS.values() if f.codec}, "application/octet-stream": _BINARY,
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
                                        "required": ["file"]}},
 }}}
 _PLANE = {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}
 _DECODE_BODY = {"requestBody": {"required": True, "content": {
-    "application/vnd.coordtok.tokens+safetensors": _BINARY, "application/x-npz": _BINARY,
-    "application/json": {"schema": {"type": "object", "required": ["xy", "yt", "xt"], "properties": {
+    tokens.FORMATS["safetensors"]: _BINARY, tokens.FORMATS["npz"]: _BINARY,
+    tokens.FORMATS["json"]: {"schema": {"type": "object", "required": ["xy", "yt", "xt"], "properties": {
         "xy": _PLANE, "yt": _PLANE, "xt": _PLANE, "metadata": {"type": "object"}}}},
     "multipart/form-data": _ENCODE_BODY["requestBody"]["content"]["multipart/form-data"],
 }}}
@@ -93,15 +95,10 @@ _REFUSALS = {
     503: "the queue is full, the server is starting or stopping, or a device ran out of memory (with Retry-After)",
     504: "the request did not finish within COORDTOK_REQUEST_TIMEOUT_S",
 }
-_ERROR_CONTENT = {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["type", "message"],
-    "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}}}
-
-
 def _answers(*refusals: int, ok: dict[int, dict | None] | None = None) -> dict:
     """The `responses` of a route for the OpenAPI spec: its refusals, and its successes by status
     (`ok={200: {"video/mp4": ...}}`: content types; None: no body)."""
-    documented = {status: {"description": _REFUSALS[status], "content": _ERROR_CONTENT} for status in refusals}
+    documented = {status: {"description": _REFUSALS[status], "content": ERROR_CONTENT} for status in refusals}
     for status, content in (ok or {}).items():
         documented[status] = {"description": "success", **({"content": content} if content is not None else {})}
     return documented
@@ -109,14 +106,6 @@ def _answers(*refusals: int, ok: dict[int, dict | None] | None = None) -> dict:
 
 _JSON = {"application/json": {"schema": {"type": "object"}}}
 _UPLOAD_REFUSALS = (400, 401, 408, 413, 415, 422, 503, 504)
-
-
-class RequestError(Exception):
-    """A request the server cannot serve as sent; `http_status` says which 4xx."""
-
-    def __init__(self, message: str, http_status: int = 422) -> None:
-        super().__init__(message)
-        self.http_status = http_status
 
 
 class VideoReading(NamedTuple):
@@ -131,13 +120,6 @@ class VideoReading(NamedTuple):
 
 class StartupError(Exception):
     """The server cannot start (a missing, damaged or wrong model file; no memory for warm-up)."""
-
-
-class BodyTooLarge(RequestError):
-    """The request body passed the route's limit (413)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 413)
 
 
 def serving_devices(settings: Settings) -> list[str]:
@@ -317,16 +299,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestError)
     @app.exception_handler(jobs.JobError)
     async def known_error(request: Request, error: Exception) -> JSONResponse:
-        status = getattr(error, "http_status", 422)
         request.state.failure = type(error).__name__
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, status, headers=headers)
+        return refusal(error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         request.state.failure = "ValidationError"
         message = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors())
-        return JSONResponse({"error": {"type": "ValidationError", "message": message}}, 422)
+        return error_response("ValidationError", message, 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -337,8 +317,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allowed = {method for route in app.router.routes if route.matches(request.scope)[0] is Match.PARTIAL
                        for method in getattr(route, "methods", None) or ()}
             headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
-        return JSONResponse({"error": {"type": "HTTPError", "message": str(error.detail)}}, error.status_code,
-                            headers=headers)
+        return error_response("HTTPError", str(error.detail), error.status_code, headers)
 
     def body_limit(path: str) -> int:
         if path in ("/v1/encode", "/v1/preview"):  # a video
@@ -423,7 +402,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def encode(
         request: Request,
         reading: VideoReading = Depends(video_reading),
-        format: str | None = Query(None, pattern="^(safetensors|npz|json)$"),
+        format: str | None = Query(None, pattern=_TOKEN_FORMAT),
     ) -> Response:
         engine, config = state.engine, state.config
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
@@ -454,15 +433,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                  "/v1/encode")
             metrics.phase.labels("/v1/encode", "inference").observe(time.perf_counter() - began)
             metrics.tokens.labels("encode").inc(config.tokens * len(clips))
-            meta = {
-                "model_id": state.model_id, "weights_sha256": state.sha256,
-                "frames_per_clip": str(config.frames), "n_frames": json.dumps(list(layout.lengths)),
-                "clip_starts": json.dumps(list(layout.starts)), "clip_policy": layout.policy,
-                "source_fps": f"{info.fps:g}", "fps": f"{reading.fps or info.fps or media.FALLBACK_FPS:g}",
-                "source_size": json.dumps([info.height, info.width]),
-                "geometry": json.dumps({"policy": geometry.policy, "scaled": geometry.scaled,
-                                        "crop": geometry.crop, "pad": geometry.pad}),
-            }
+            meta = tokens.TokenMetadata(
+                model_id=state.model_id, weights_sha256=state.sha256, frames_per_clip=config.frames,
+                n_frames=layout.lengths, clip_starts=layout.starts, clip_policy=layout.policy,
+                source_fps=info.fps, fps=reading.fps or info.fps or media.FALLBACK_FPS,
+                source_size=(info.height, info.width), geometry=tokens.Resize.of(geometry),
+            )
             body = await run_in_threadpool(tokens.serialise, tokens.Tokens(triplane, meta), fmt)
         return Response(body, media_type=tokens.FORMATS[fmt])
 
@@ -473,7 +449,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reading: VideoReading = Depends(video_reading),
         first_frame: int = Query(0, ge=0, le=settings.max_frames, description="the first frame of the answer"),
         frames: int | None = Query(None, ge=1, le=settings.max_frames, description="frames in the answer (default: one clip's)"),
-        format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
+        format: str | None = Query(None, pattern=_VIDEO_FORMAT),
     ) -> Response:
         """The frames /v1/encode would encode (same video and query), at the model's size: frames
         first_frame.. of them, numbered as /v1/decode numbers its answer. The playground shows this
@@ -494,7 +470,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise RequestError(f"the video has {len(video)} frames in the requested time range; "
                                    f"first_frame must be below that, not {first_frame}")
             rate = reading.fps or info.fps or media.FALLBACK_FPS
-            payload = await clock.run(request, metrics, "/v1/preview", encode_video, video[first_frame:], rate, format or "mp4")
+            payload = await clock.run(request, metrics, "/v1/preview", media.video_bytes, video[first_frame:], rate, format or "mp4")
         return Response(payload, media_type=VIDEO_TYPES[format or "mp4"])
 
     @app.post("/v1/decode", openapi_extra=_DECODE_BODY, response_class=Response,
@@ -505,7 +481,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         end: int | None = Query(None, gt=0, description="frame after the last"),
         fps: float | None = Query(None, ge=media.MIN_FPS, le=media.MAX_FPS, allow_inf_nan=False,
                                   description="frame rate of the answer (default: the tokens' metadata 'fps')"),
-        format: str | None = Query(None, pattern="^(mp4|webm|npy)$"),
+        format: str | None = Query(None, pattern=_VIDEO_FORMAT),
         restore_size: bool = Query(False, description="scale back to the source size (resize=pad or stretch)"),
     ) -> Response:
         engine, config = state.engine, state.config
@@ -516,14 +492,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.body_bytes.labels("/v1/decode").observe(len(upload.data))
             fmt = _token_format(upload)
             parsed = await run_in_threadpool(tokens.parse, upload.data, fmt, config, settings.max_clips, state.model_id)
-            layout = _clip_layout(parsed, config.frames)
+            layout = parsed.metadata.clip_layout(parsed.clips, config.frames)
             total = layout.total
             stop = total if end is None else end
             if not start < stop <= total:
                 raise RequestError(f"the frame range [{start}, {stop}) must lie within the {total} frames of these tokens")
             # Everything the metadata alone can refuse is refused before any work.
-            rate = fps or _metadata_fps(parsed)
-            geometry = _restorable_geometry(parsed, config, settings.media_limits()) if restore_size else None
+            rate = fps or _metadata_fps(parsed.metadata)
+            geometry = _restorable_geometry(parsed.metadata, config, settings.media_limits()) if restore_size else None
             height, width = geometry.source if geometry else (config.height, config.width)
             if (stop - start) * height * width > settings.max_decode_pixels:
                 raise RequestError(f"the answer would be {stop - start} frames of {height}x{width}, "
@@ -542,7 +518,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if geometry is not None:
                 video = await clock.run(request, metrics, "/v1/decode", media.restore_source_size, video, geometry)
             began = time.perf_counter()
-            payload = await clock.run(request, metrics, "/v1/decode", encode_video, video, rate, out)
+            payload = await clock.run(request, metrics, "/v1/decode", media.video_bytes, video, rate, out)
             metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
         return Response(payload, media_type=VIDEO_TYPES[out])
 
@@ -639,9 +615,9 @@ class ObserveMiddleware:
 
         open_route = route in _OPEN_ROUTES or route.startswith(_OPEN_PREFIX)
         if self.keys and not open_route and not _authorised(headers.get("authorization", ""), self.keys):
-            refusal = JSONResponse({"error": {"type": "Unauthorized", "message": "send a valid API key as 'Authorization: Bearer KEY'"}},
-                                   401, headers={"WWW-Authenticate": "Bearer"})
-            await refusal(scope, receive, send_with_id)
+            unauthorized = error_response("Unauthorized", "send a valid API key as 'Authorization: Bearer KEY'", 401,
+                                          {"WWW-Authenticate": "Bearer"})
+            await unauthorized(scope, receive, send_with_id)
         else:
             await self.app(scope, receive, send_with_id)
         seconds = time.perf_counter() - started
@@ -744,36 +720,13 @@ def _authorised(header: str, keys: list[bytes]) -> bool:
     return any([hmac.compare_digest(token.encode(), key) for key in keys])
 
 
-def _clip_layout(parsed: tokens.Tokens, frames_per_clip: int) -> ClipLayout:
-    """Where the tokens' clips lie in their video (model/clips.py), from the metadata: 'n_frames'
-    (source frames per clip; every clip whole when absent), 'clip_starts' (default: consecutive,
-    by the running sum of 'n_frames') and 'clip_policy' (default "pad", what servers wrote before
-    the policy was recorded)."""
-    meta = parsed.metadata
-    try:
-        lengths = json.loads(meta.get("n_frames", "null")) or [frames_per_clip] * parsed.clips
-        lengths = [int(n) for n in lengths]
-        starts = json.loads(meta["clip_starts"]) if "clip_starts" in meta else [sum(lengths[:k]) for k in range(len(lengths))]
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        raise tokens.TokenError("metadata 'n_frames' and 'clip_starts' must be JSON lists of frame counts") from None
-    if len(lengths) != parsed.clips or len(starts) != parsed.clips:
-        raise tokens.TokenError(f"metadata 'n_frames' and 'clip_starts' must list {parsed.clips} values, one per clip")
-    try:
-        return ClipLayout(tuple(starts), tuple(lengths), frames_per_clip, meta.get("clip_policy", "pad"))
-    except ValueError as error:
-        raise tokens.TokenError(f"metadata describes an impossible clip layout: {error}") from None
-
-
-def _restorable_geometry(parsed: tokens.Tokens, config, limits: media.MediaLimits) -> media.Geometry:
+def _restorable_geometry(meta: tokens.TokenMetadata, config, limits: media.MediaLimits) -> media.Geometry:
     """The resize the tokens' video went through, from their metadata, checked: one that can be
     undone (not a crop), the source size (that of the restored frames) within the media limits,
     the kept region within the frame."""
-    try:
-        g = json.loads(parsed.metadata["geometry"])
-        geometry = media.Geometry(g["policy"], _ints(json.loads(parsed.metadata["source_size"]), 2), _ints(g["scaled"], 2),
-                                  (config.height, config.width), _ints(g["crop"], 4), _ints(g["pad"], 4))
-    except (KeyError, TypeError, ValueError, RecursionError):
-        raise RequestError("restore_size needs the 'geometry' and 'source_size' metadata that /v1/encode writes") from None
+    geometry = meta.source_geometry((config.height, config.width))
+    if geometry is None:
+        raise RequestError("restore_size needs the 'geometry' and 'source_size' metadata that /v1/encode writes")
     (height, width), (top, left, h, w) = geometry.source, geometry.pad
     if not (1 <= height <= limits.max_height and 1 <= width <= limits.max_width and height * width <= limits.max_pixels):
         raise RequestError(f"metadata 'source_size' [{height}, {width}] lies outside this server's limit of "
@@ -787,28 +740,12 @@ def _restorable_geometry(parsed: tokens.Tokens, config, limits: media.MediaLimit
     return geometry
 
 
-def _ints(values, n: int) -> tuple[int, ...]:
-    if not isinstance(values, list) or len(values) != n or not all(type(v) is int for v in values):
-        raise ValueError(f"expected a list of {n} integers")
-    return tuple(values)
-
-
-def _metadata_fps(parsed: tokens.Tokens) -> float:
+def _metadata_fps(meta: tokens.TokenMetadata) -> float:
     """The frame rate the tokens' metadata gives (their source's), else FALLBACK_FPS."""
     try:
-        return media.check_fps(float(parsed.metadata.get("fps") or media.FALLBACK_FPS), "metadata 'fps'")
-    except ValueError:
-        raise tokens.TokenError(f"metadata 'fps' must be a frame rate from {media.MIN_FPS:g} to {media.MAX_FPS:g}, "
-                                f"got {parsed.metadata['fps'][:20]!r}; or pass the fps query parameter") from None
-
-
-def encode_video(frames: np.ndarray, fps: float, fmt: str, check_stop: Callable[[], None] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "npy":
-        np.save(buffer, frames, allow_pickle=False)
-    else:
-        media.write_video(frames, buffer, fps, codec=_VIDEO_CODECS[fmt], check_stop=check_stop)
-    return buffer.getvalue()
+        return meta.frame_rate()
+    except tokens.TokenError as error:
+        raise tokens.TokenError(f"{error}; or pass the fps query parameter") from None
 
 
 def _format_from_accept(accept: str) -> str:
@@ -825,13 +762,6 @@ def _token_format(upload: uploads.Upload) -> str:
     if kind in ("application/octet-stream", ""):
         return next((fmt for fmt in tokens.FORMATS if upload.filename.endswith(f".{fmt}")), "safetensors")
     raise RequestError(f"unsupported token content type {kind!r}; send one of {sorted(tokens.FORMATS.values())}", 415)
-
-
-class BodyTimeout(RequestError):
-    """The request body did not arrive in time (408)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 408)
 
 
 # A body's minimum rate counts from this many seconds after its headers (connection set-up, a
@@ -904,5 +834,4 @@ class BodyLimitMiddleware:
 
 def _refusal(error: RequestError) -> JSONResponse:
     """The answer to a body refused while it arrived; the connection is closed after it."""
-    return JSONResponse({"error": {"type": type(error).__name__, "message": str(error)}}, error.http_status,
-                        headers={"Connection": "close"})
+    return refusal(error, {"Connection": "close"})

@@ -1,4 +1,4 @@
-"""How engine work can fail. `http_status` is the status a route answers with."""
+"""How engine work can fail (the status each answers with: service/errors.py)."""
 from __future__ import annotations
 
 import torch
@@ -12,35 +12,28 @@ STICKY_DEVICE_ERRORS = (
 
 
 class EngineError(Exception):
-    http_status = 500
+    """Engine work that failed."""
 
 
 class QueueFull(EngineError):
     """Too many requests in the system; retry later."""
 
-    http_status = 503
-
 
 class DeadlineExceeded(EngineError):
     """The request waited past its deadline."""
-
-    http_status = 504
 
 
 class NotReady(EngineError):
     """The server is starting, draining or has no device in service."""
 
-    http_status = 503
-
 
 class DeviceFailure(EngineError):
-    """The batch holding this request failed on its device: 503 (retry) when the device ran out of
-    memory or was lost, 500 when the model failed on a usable device."""
+    """The batch holding this request failed on its device: it ran out of memory or was lost (a
+    retry may succeed), or the model failed on a usable device."""
 
     def __init__(self, message: str, out_of_memory: bool = False, device_lost: bool = False) -> None:
         super().__init__(message)
         self.out_of_memory, self.device_lost = out_of_memory, device_lost
-        self.http_status = 503 if out_of_memory or device_lost else 500
 
     @classmethod
     def of(cls, error: Exception, device: torch.device) -> DeviceFailure:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from coordtok.model import Triplane, preset
-from coordtok.formats.tokens import FORMATS, TokenError, Tokens, parse, serialise
+from coordtok.formats.tokens import FORMATS, Resize, TokenError, TokenMetadata, Tokens, parse, serialise
 
 CONFIG = preset("coordtok-tiny")  # xy [16, 16, 8], yt/xt [32, 16, 8]
 
@@ -165,3 +165,53 @@ def test_the_same_tokens_give_the_same_bytes_whatever_the_metadata_order():
     second.metadata = dict(reversed(list(ENCODED.items())))
     for fmt in FORMATS:
         assert serialise(first, fmt) == serialise(second, fmt), fmt
+
+
+def typed_metadata() -> TokenMetadata:
+    return TokenMetadata(model_id="42", weights_sha256="12e45", frames_per_clip=8, n_frames=(8, 5), clip_starts=(0, 8),
+                         clip_policy="stretch", source_fps=29.97, fps=25.0, source_size=(465, 640),
+                         geometry=Resize("pad", (94, 128), (0, 0, 94, 128), (17, 0, 94, 128)), extra={"seed": "5"})
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_typed_metadata_round_trips_and_json_files_hold_json_types(fmt):
+    original = tokens()
+    original.metadata = typed_metadata()
+    data = serialise(original, fmt)
+    parsed = parse(data, fmt, CONFIG, max_clips=4).metadata
+    assert parsed == original.metadata
+    assert (parsed.n_frames, parsed.clip_starts, parsed.source_size) == ((8, 5), (0, 8), (465, 640))
+    assert (parsed.frames_per_clip, parsed.fps, parsed.source_fps) == (8, 25.0, 29.97)
+    assert parsed.geometry == typed_metadata().geometry and parsed.extra == {"seed": "5"} and not parsed.unreadable
+    if fmt == "json":
+        written = json.loads(data)["metadata"]
+        assert written["n_frames"] == [8, 5] and written["source_size"] == [465, 640] and written["fps"] == 25
+        assert written["geometry"] == {"policy": "pad", "scaled": [94, 128], "crop": [0, 0, 94, 128], "pad": [17, 0, 94, 128]}
+        assert written["model_id"] == "42" and written["weights_sha256"] == "12e45"  # text fields stay strings
+
+
+def test_old_style_files_read_as_typed_metadata():
+    """Older servers wrote every value as a string, in JSON files too; safetensors holds strings by format."""
+    planes = {name: plane.numpy() for name, plane in zip(("xy", "yt", "xt"), tokens().triplane.planes())}
+    old_json = json.dumps({"metadata": ENCODED, **{k: v.tolist() for k, v in planes.items()}}).encode()
+    old_safetensors = save_safetensors({k: torch.from_numpy(v) for k, v in planes.items()}, metadata=ENCODED)
+    for fmt, data in [("json", old_json), ("safetensors", old_safetensors)]:
+        meta = parse(data, fmt, CONFIG, max_clips=4).metadata
+        assert (meta.model_id, meta.weights_sha256, meta.frames_per_clip, meta.n_frames) == ("tiny@abc", "12e45", 128, (128, 41))
+        assert (meta.fps, meta.source_size, meta.geometry.pad) == (29.97, (465, 640), (17, 0, 94, 128)), fmt
+        assert meta.clip_starts is None and meta.clip_layout(2, 128).starts == (0, 128)  # placed by the running sum
+        assert meta.source_geometry((128, 128)).source == (465, 640)
+
+
+def test_unreadable_entries_round_trip_and_are_refused_where_used():
+    meta = TokenMetadata.read({"n_frames": "[1e400]", "fps": "fast", "geometry": "[]", "source_size": "[16, 16]"})
+    assert dict(meta.unreadable) == {"n_frames": "[1e400]", "fps": "fast", "geometry": "[]"}
+    assert parse(serialise(Tokens(tokens().triplane, meta), "safetensors"), "safetensors", CONFIG, max_clips=4).metadata == meta
+    with pytest.raises(TokenError, match="JSON lists of frame counts"):
+        meta.clip_layout(2, 8)
+    with pytest.raises(TokenError, match="got 'fast'"):
+        meta.frame_rate()
+    assert meta.source_geometry((16, 16)) is None
+    assert TokenMetadata().frame_rate() == 25.0 and TokenMetadata(fps=0.01).source_geometry((16, 16)) is None
+    with pytest.raises(TokenError, match="from 0.1 to 1000, got '0.01'"):
+        TokenMetadata(fps=0.01).frame_rate()

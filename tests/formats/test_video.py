@@ -190,9 +190,8 @@ def test_limits_are_enforced_while_decoding_when_the_header_understates(tmp_path
                MediaLimits(max_duration_s=1.0)]
 )
 def test_header_over_the_limits_is_refused_before_decoding(clip, limits):
-    with pytest.raises(MediaTooLarge) as error:
+    with pytest.raises(MediaTooLarge, match="over the limit"):
         probe(clip[0], limits)
-    assert error.value.http_status == 413
 
 
 def test_grayscale_decodes_to_equal_rgb_channels(tmp_path):
@@ -241,20 +240,20 @@ def make_bad_file(kind: str, folder, good_mp4) -> object:
 
 
 @pytest.mark.parametrize(
-    "kind, error, status",
+    "kind, error",
     [
-        ("empty", CorruptMedia, 422),
-        ("truncated", CorruptMedia, 422),
-        ("truncated_faststart", CorruptMedia, 422),
-        ("text", UnsupportedMedia, 415),
-        ("audio_only", UnsupportedMedia, 415),
+        ("empty", CorruptMedia),
+        ("truncated", CorruptMedia),
+        ("truncated_faststart", CorruptMedia),
+        ("text", UnsupportedMedia),
+        ("audio_only", UnsupportedMedia),
     ],
 )
-def test_bad_files_raise_typed_errors(tmp_path, clip, kind, error, status):
+def test_bad_files_raise_typed_errors(tmp_path, clip, kind, error):
     path = make_bad_file(kind, tmp_path, clip[0])
     with pytest.raises(error) as raised:
         read_frames(path)
-    assert raised.value.http_status == status and str(raised.value)
+    assert str(raised.value)
 
 
 def test_missing_file_is_not_a_media_error(tmp_path):

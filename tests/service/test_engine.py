@@ -13,6 +13,7 @@ from coordtok.model import CoordTok, CoordTokConfig
 from coordtok.model import Triplane
 from coordtok.service.engine import worker as worker_module
 from coordtok.service.engine import DeadlineExceeded, DeviceFailure, Engine, NotReady, QueueFull
+from coordtok.service.errors import status_of
 
 CONFIG = CoordTokConfig(
     frames=8, height=16, width=16, enc_dim=32, enc_heads=2, enc_patch_t=4, enc_patch_xy=8, enc_vit_layers=1,
@@ -109,7 +110,7 @@ def test_a_request_past_its_deadline_fails_with_504(model):
         (result,) = asyncio.run(run())
     finally:
         engine.stop()
-    assert isinstance(result, DeadlineExceeded) and result.http_status == 504
+    assert isinstance(result, DeadlineExceeded) and status_of(result) == 504
 
 
 def test_a_failed_batch_fails_its_requests_and_the_worker_recovers(model):
@@ -124,7 +125,7 @@ def test_a_failed_batch_fails_its_requests_and_the_worker_recovers(model):
     try:
         with pytest.raises(DeviceFailure, match="ran out of memory") as failure:
             asyncio.run(encode())
-        assert failure.value.http_status == 503
+        assert status_of(failure.value) == 503
         assert engine.ready  # the probe found the device usable
         worker.run = real_run
         assert asyncio.run(encode()).batch_size == 1
@@ -151,7 +152,7 @@ def test_a_device_whose_probe_keeps_failing_is_taken_out_of_service(model, monke
     try:
         with pytest.raises(DeviceFailure, match="the model broke") as failure:
             asyncio.run(encode())
-        assert failure.value.http_status == 500 and len(probes) == worker_module.PROBE_ATTEMPTS
+        assert status_of(failure.value) == 500 and len(probes) == worker_module.PROBE_ATTEMPTS
         assert not engine.ready and not engine.alive and engine.states() == {"cpu": "out of service"}
         with pytest.raises(NotReady, match="no device is in service"):
             asyncio.run(encode())
@@ -167,7 +168,7 @@ def test_a_sticky_device_error_takes_the_replica_out_without_probing(model):
     try:
         with pytest.raises(DeviceFailure, match="taken out of service") as failure:
             asyncio.run(engine.encode(clips(1, 7), torch.tensor([8])))
-        assert failure.value.http_status == 503 and failure.value.device_lost and not engine.alive
+        assert status_of(failure.value) == 503 and failure.value.device_lost and not engine.alive
     finally:
         engine.stop()
 
@@ -203,7 +204,7 @@ def test_two_replicas_one_failing_the_healthy_one_takes_its_work(model):
     finally:
         engine.stop()
     failures = [r for r in first if isinstance(r, Exception)]
-    assert len(failures) == 1 and isinstance(failures[0], DeviceFailure) and failures[0].http_status == 503
+    assert len(failures) == 1 and isinstance(failures[0], DeviceFailure) and status_of(failures[0]) == 503
     assert all(isinstance(r, Triplane) for r in later)
     assert ran.count("cpu:1") == 1 and ran.count("cpu:0") == 11
     assert states == {"cpu:0": "serving", "cpu:1": "out of service"} and ready and alive
