@@ -151,6 +151,47 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] if sorted_values else float("nan")
 
 
+def measure_leak(work: Workload, pid: int | None, requests: int, margin_mb: float) -> dict:
+    """`requests` requests by 8 clients, the server's resident memory sampled every 200."""
+    memory: dict[int, float] = {}
+
+    def sample(done: int) -> None:
+        if pid is not None and done % 200 == 0:
+            memory[done] = round(resident_mb(pid), 1)
+
+    started = time.perf_counter()
+    asyncio.run(work.run(8, requests=requests, on_count=sample))
+    statuses = Counter(status for _, status, _ in work.records)
+    leak = {"requests": len(work.records), "clients": 8, "seconds": round(time.perf_counter() - started, 1),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "rss_mb_every_200": memory}
+    if 200 in memory and requests in memory:
+        growth = memory[requests] - memory[200]
+        leak.update(rss_mb_after_200=memory[200], rss_mb_after_last=memory[requests],
+                    growth_mb=round(growth, 1), margin_mb=margin_mb, within_margin=growth <= margin_mb)
+    return leak
+
+
+def measure_level(work: Workload, clients: int, seconds: float, pid: int | None) -> list[dict]:
+    """One row per route: `clients` clients alternating encode and decode for `seconds`."""
+    work.records = []
+    started = time.perf_counter()
+    asyncio.run(work.run(clients, seconds=seconds))
+    elapsed = time.perf_counter() - started
+    rows = []
+    for route in ("/v1/encode", "/v1/decode"):
+        records = [r for r in work.records if r[0] == route]
+        statuses = Counter(status for _, status, _ in records)
+        answered = sorted(seconds for _, status, seconds in records if status == 200)
+        rows.append({
+            "clients": clients, "route": route, "requests": len(records),
+            "req/s": round(len(records) / elapsed, 1), "200": statuses.get(200, 0), "503": statuses.get(503, 0),
+            "other": ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()) if k not in (200, 503)) or 0,
+            "p50 s": round(percentile(answered, 0.5), 4), "p99 s": round(percentile(answered, 0.99), 4),
+            "rss MB": round(resident_mb(pid), 1) if pid is not None else "",
+        })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server (default: start one)")
@@ -179,42 +220,8 @@ def main() -> None:
         served = httpx.get(f"{url}/v1/models").json()["models"][0]
         work = Workload(url, clip, tokens.content, args.retry_wait_s)
 
-        # 1. leak: resident memory every 200 requests.
-        memory: dict[int, float] = {}
-
-        def sample(done: int) -> None:
-            if pid is not None and done % 200 == 0:
-                memory[done] = round(resident_mb(pid), 1)
-
-        started = time.perf_counter()
-        asyncio.run(work.run(8, requests=args.leak_requests, on_count=sample))
-        leak_seconds = time.perf_counter() - started
-        leak_statuses = Counter(status for _, status, _ in work.records)
-        leak = {"requests": len(work.records), "clients": 8, "seconds": round(leak_seconds, 1),
-                "statuses": {str(k): v for k, v in sorted(leak_statuses.items())}, "rss_mb_every_200": memory}
-        if 200 in memory and args.leak_requests in memory:
-            growth = memory[args.leak_requests] - memory[200]
-            leak.update(rss_mb_after_200=memory[200], rss_mb_after_last=memory[args.leak_requests],
-                        growth_mb=round(growth, 1), margin_mb=args.leak_margin_mb, within_margin=growth <= args.leak_margin_mb)
-
-        # 2. levels.
-        rows = []
-        for clients in [int(c) for c in args.concurrency.split(",")]:
-            work.records = []
-            started = time.perf_counter()
-            asyncio.run(work.run(clients, seconds=args.seconds))
-            elapsed = time.perf_counter() - started
-            for route in ("/v1/encode", "/v1/decode"):
-                records = [r for r in work.records if r[0] == route]
-                statuses = Counter(status for _, status, _ in records)
-                answered = sorted(seconds for _, status, seconds in records if status == 200)
-                rows.append({
-                    "clients": clients, "route": route, "requests": len(records),
-                    "req/s": round(len(records) / elapsed, 1), "200": statuses.get(200, 0), "503": statuses.get(503, 0),
-                    "other": ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()) if k not in (200, 503)) or 0,
-                    "p50 s": round(percentile(answered, 0.5), 4), "p99 s": round(percentile(answered, 0.99), 4),
-                    "rss MB": round(resident_mb(pid), 1) if pid is not None else "",
-                })
+        leak = measure_leak(work, pid, args.leak_requests, args.leak_margin_mb)
+        rows = [row for clients in args.concurrency.split(",") for row in measure_level(work, int(clients), args.seconds, pid)]
         still_ready = httpx.get(f"{url}/readyz").status_code == 200
     finally:
         if server is not None:
@@ -225,7 +232,7 @@ def main() -> None:
     print(f"# server {url} ({served['id']}, {served['config']['frames']} frames of "
           f"{served['config']['height']}x{served['config']['width']}) on {served['devices']}")
     print(f"# leak: {leak['requests']} requests by 8 clients in {leak['seconds']} s, statuses {leak['statuses']}; "
-          f"resident MB every 200 requests: {memory}")
+          f"resident MB every 200 requests: {leak['rss_mb_every_200']}")
     if "growth_mb" in leak:
         print(f"# resident memory after 200: {leak['rss_mb_after_200']} MB, after {args.leak_requests}: "
               f"{leak['rss_mb_after_last']} MB (growth {leak['growth_mb']} MB, margin {args.leak_margin_mb} MB: "

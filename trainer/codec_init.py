@@ -176,16 +176,20 @@ def _pixel_weights(basis: torch.Tensor, layout: Layout, frames: slice, rows: sli
 @torch.no_grad()
 def init_encoder(model: CoordTok, bases: CodecBases) -> None:
     """Set the encoder's weights so that it computes the codec's triplane (module docstring)."""
+    layout = check_layout(model.config)
+    _init_video_tokens(model, bases, layout)
+    _init_queries(model, layout)
+    _init_cross_attention(model, layout)
+    _init_outputs(model, layout)
+
+
+def _init_video_tokens(model: CoordTok, bases: CodecBases, layout: Layout) -> None:
+    """Video tokens: content functionals, and the +A / -A pair in dims 0, 1; the ViT blocks pass
+    them through and the memory positions carry each token's grid code."""
     c, enc = model.config, model.encoder
-    layout = check_layout(c)
     n, block, comp, k = layout.n, layout.block, layout.comp, c.latent_channels
     gt, gx, gy = layout.grid
-    pc = layout.cells[1]  # cells per token side (= cells per token along t)
-    fc, p = layout.frames_per_cell, layout.patch
-    d, heads = c.enc_dim, c.enc_heads
-    hd = d // heads
-
-    # Video tokens: content functionals, and the +A / -A pair in dims 0, 1.
+    pc, fc, p = layout.cells[1], layout.frames_per_cell, layout.patch  # pc: cells per token side
     conv = enc.video_patch_embed
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
@@ -210,15 +214,23 @@ def init_encoder(model: CoordTok, bases: CodecBases) -> None:
     nn.init.zeros_(enc.video_pos_embed)
     for blk in enc.video_blocks:
         _zero_branch(blk.attn.proj, blk.mlp.fc2)
-    keep = torch.zeros(d)
-    keep[n : comp + 1] = 1.0  # content and compensation survive the norm; the pair is dropped
-    enc.video_norm.weight.copy_(keep)
+    enc.video_norm.weight.copy_(_content_mask(c.enc_dim, layout))
     nn.init.zeros_(enc.video_norm.bias)
     codes = torch.stack([layout.code(t, x, y) for t in range(gt) for x in range(gx) for y in range(gy)])
     nn.init.zeros_(enc.memory_pos_embed)
     enc.memory_pos_embed[0, :, :n] = codes
 
-    # Query tokens: the code of their grid position, and the +A / -A pair.
+
+def _content_mask(width: int, layout: Layout) -> torch.Tensor:
+    """Norm weights [width] that keep content and compensation and drop the +A / -A pair."""
+    keep = torch.zeros(width)
+    keep[layout.n : layout.comp + 1] = 1.0
+    return keep
+
+
+def _init_queries(model: CoordTok, layout: Layout) -> None:
+    """Query tokens: the code of their grid position, and the +A / -A pair."""
+    enc, n, comp, k, d = model.encoder, layout.n, layout.comp, model.config.latent_channels, model.config.enc_dim
     for name, plane in enc.planes.items():
         g0, g1 = plane.grid
         p0, p1 = plane.patch
@@ -234,8 +246,15 @@ def init_encoder(model: CoordTok, bases: CodecBases) -> None:
         nn.init.zeros_(plane.embed.bias)
         plane.embed.bias[comp + 1], plane.embed.bias[comp + 2] = PATTERN, -PATTERN
 
-    # Cross-attention: layer 1 averages each cell's own tokens (heads: xy, xt, yt content);
-    # layer 2 averages over all times and subtracts (heads: xt, yt), leaving the motion.
+
+def _init_cross_attention(model: CoordTok, layout: Layout) -> None:
+    """Layer 1 averages each cell's own tokens (heads: xy, xt, yt content); layer 2 averages over
+    all times and subtracts (heads: xt, yt), leaving the motion; later layers pass through."""
+    c, enc = model.config, model.encoder
+    n, block, comp = layout.n, layout.block, layout.comp
+    gt, gx, gy = layout.grid
+    pc, k, d = layout.cells[1], c.latent_channels, c.enc_dim
+    hd = d // c.enc_heads
     sigma = _layernorm_scale(d)  # memory and query streams: both D wide, each with one +A/-A pair
     gain = (SCORE_PER_AXIS * hd**0.5 * sigma) ** 0.5
     local = torch.ones(n)
@@ -265,8 +284,12 @@ def init_encoder(model: CoordTok, bases: CodecBases) -> None:
             qkv[values, comp] = -mix.sum(1) * sigma
             blk.cross_attn.proj.weight[start : start + block, head * hd : head * hd + block] = sign * torch.eye(block)
 
-    # Output: the norm keeps content and compensation; each plane reads its own block.
-    enc.cross_norm.weight.copy_(keep)
+
+def _init_outputs(model: CoordTok, layout: Layout) -> None:
+    """The norm keeps content and compensation; each plane reads its own block."""
+    enc, n, block, comp = model.encoder, layout.n, layout.block, layout.comp
+    sigma = _layernorm_scale(model.config.enc_dim)
+    enc.cross_norm.weight.copy_(_content_mask(model.config.enc_dim, layout))
     nn.init.zeros_(enc.cross_norm.bias)
     for name in PLANES:
         project = enc.planes[name].project
