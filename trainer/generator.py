@@ -7,7 +7,8 @@
 
 Videos are cut into `clips_per_video` random clips each (as trainer.data.VideoClips draws them),
 encoded once by the tokenizer (every process encodes its share) and cached in RUN/latents/, so a
-resumed run reads them back; token files the server wrote can be given instead. The triplanes are
+resumed run reads them back; token files the server wrote, or the shards of `coordtok encode-dataset`
+(trainer/token_shards.py), can be given instead. The triplanes are
 normalised with the tokenizer's latent stats (measured on these clips when its file has none) and
 SiT learns their flow-matching velocity (model/transport.py). The run folder holds config.json,
 metrics.jsonl, checkpoints/ and export.safetensors (`model.load_generator`), which names the
@@ -25,19 +26,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from coordtok.model import CoordTok, LatentStats, SiT, Triplane, load_model, save_generator, sit_preset
+from coordtok.formats import tokens as token_files
+from coordtok.model import CoordTok, LatentStats, SiT, load_model, save_generator, sit_preset
 from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256, read_metadata
 from coordtok.model.clips import policy_for
 from coordtok.model.generate import flatten, unflatten
 from coordtok.model.transport import training_loss
-from coordtok.model.triplane import PLANES
-from coordtok.trainer import distributed, loop
+from coordtok.trainer import distributed, loop, token_shards
 from coordtok.trainer.data import VideoClips, list_videos
 from coordtok.trainer.ema import EMA
 from coordtok.trainer.generator_config import GeneratorConfig
@@ -96,24 +96,24 @@ def encode_clips(tokenizer: CoordTok, clips: Dataset, batch_size: int, workers: 
 
 def read_token_files(files: list[Path], labels: list[int], shapes: tuple[tuple[int, int, int], ...],
                      tokenizer_sha256: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every clip of token files (safetensors as the server's /v1/encode writes them: planes xy,
-    yt, xt [K, R0, R1, C]): flattened triplanes [N, D] and each clip's file label [N]. A file whose
-    metadata names other tokenizer weights (`weights_sha256`) is refused."""
+    """Every clip of token files (safetensors as the server's /v1/encode writes them, read and
+    checked by formats.tokens: planes xy, yt, xt [K, R0, R1, C], finite): flattened triplanes
+    [N, D] and each clip's file label [N]. A file whose metadata names other tokenizer weights
+    (`weights_sha256`) is refused."""
     latents, clip_labels = [], []
     for path, label in zip(files, labels):
-        with safe_open(str(path), framework="pt") as f:
-            sha256 = (f.metadata() or {}).get("weights_sha256", tokenizer_sha256)
-            if sha256 != tokenizer_sha256:
-                raise ValueError(f"{path} holds the tokens of weights {sha256}, not of the tokenizer {tokenizer_sha256}")
-            if not set(PLANES) <= set(f.keys()):
-                raise ValueError(f"{path} is not a token file: it lacks some of the planes {list(PLANES)}")
-            planes = [f.get_tensor(name).float() for name in PLANES]
-        found = tuple(tuple(p.shape[1:]) for p in planes)
-        if found != shapes or not all(bool(torch.isfinite(p).all()) for p in planes):
-            raise ValueError(f"{path}: planes must be finite, of shapes [K, *shape] for {shapes}, got {found}")
-        triplane = Triplane(*planes)
-        latents.append(flatten(triplane))
-        clip_labels += [label] * triplane.batch_size
+        try:
+            read = token_files.parse(path.read_bytes(), "safetensors", None, max_clips=1 << 20)
+        except token_files.TokenError as error:
+            raise ValueError(f"{path}: {error}") from None
+        if read.metadata.weights_sha256 not in (None, tokenizer_sha256):
+            raise ValueError(f"{path} holds the tokens of weights {read.metadata.weights_sha256}, "
+                             f"not of the tokenizer {tokenizer_sha256}")
+        found = tuple(tuple(plane.shape[1:]) for plane in read.triplane.planes())
+        if found != shapes:
+            raise ValueError(f"{path}: planes must be of shapes [K, *shape] for {shapes}, got {found}")
+        latents.append(flatten(read.triplane))
+        clip_labels += [label] * read.clips
     return torch.cat(latents), torch.tensor(clip_labels)
 
 
@@ -126,7 +126,12 @@ class GeneratorTrainer(TrainLoop):
         self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
         self.amp_dtype = autocast_dtype(config, dist.device)
 
-        files, labels, self.classes = training_files(config)
+        shards = bool(config.tokens) and token_shards.is_shard_folder(config.tokens)  # from encode-dataset
+        if shards:
+            latents, y, self.classes = token_shards.training_clips(config.tokens, self.tokenizer_sha256, config.exclude,
+                                                                   config.conditional)
+        else:
+            files, labels, self.classes = training_files(config)
         overrides = {"num_classes": len(self.classes), **config.model_overrides}
         self.model_config = replace(sit_preset(config.model, tokenizer.config), **overrides)
         if self.model_config.num_classes != len(self.classes):
@@ -134,7 +139,7 @@ class GeneratorTrainer(TrainLoop):
         shapes = self.model_config.plane_shapes
         if config.videos:
             latents, y = self.encode_videos(tokenizer, files, labels)
-        else:
+        elif not shards:
             latents, y = read_token_files(files, labels, shapes, self.tokenizer_sha256)
         del tokenizer
         triplanes = unflatten(latents, shapes)

@@ -22,7 +22,8 @@ class GeneratorConfig:
     model_overrides: dict = field(default_factory=dict)
 
     # Data: a folder of videos (encoded once by the tokenizer and cached in the run folder), or a
-    # folder of token files (safetensors, as the server's /v1/encode writes them).
+    # folder of token files (safetensors, as the server's /v1/encode writes them), or of the shards
+    # `coordtok encode-dataset` writes.
     videos: str = ""
     tokens: str = ""
     exclude: list[str] = field(default_factory=list)  # file names held out of training
