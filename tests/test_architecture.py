@@ -10,8 +10,9 @@ ALLOWED = {
     "model": {"kernels"},
     "formats": {"kernels", "model"},
     "trainer": {"kernels", "model", "formats"},
-    # trainer.evaluate: `coordtok roundtrip` (service/cli.py) scores a clip as the model card does
-    "service": {"kernels", "model", "formats", "trainer.evaluate"},
+    # trainer.evaluate: `coordtok roundtrip` (service/cli.py) scores a clip as the model card does;
+    # trainer.encode_dataset: `coordtok encode-dataset` tokenizes a folder of videos
+    "service": {"kernels", "model", "formats", "trainer.evaluate", "trainer.encode_dataset"},
 }
 
 
