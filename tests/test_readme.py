@@ -95,10 +95,14 @@ def started(tmp_path_factory):
 
 
 def stand_ins(words: list[str], folder: Path) -> None:
-    """Files a command names that a user brings: the authors' checkpoint and its config."""
+    """Files a command names that a user brings: the authors' checkpoint and its config, a folder of
+    videos (the sample clip)."""
     if words[:2] == ["coordtok", "import-official"]:
         shutil.copy(OFFICIAL / "checkpoint.pth", folder / words[2])
         shutil.copy(OFFICIAL / "config.json", folder / words[words.index("--config") + 1])
+    if words[:2] == ["coordtok", "encode-dataset"]:
+        (folder / words[2] / "sample").mkdir(parents=True)
+        shutil.copy(ROOT / "service" / "static" / "sample.avi", folder / words[2] / "sample")
 
 
 def test_the_coordtok_commands_run_as_written(started, tmp_path):
@@ -114,18 +118,28 @@ def test_the_coordtok_commands_run_as_written(started, tmp_path):
     assert (tmp_path / "out" / "video_001.webm").is_file()  # the job API's results
 
 
+def launched(words: list[str]) -> list[str]:
+    """The command a torchrun command starts in each process: `python -m MODULE ...`, or with
+    --no-python the program after it (`coordtok encode-dataset ...`)."""
+    if words[0] != "torchrun":
+        return words
+    if "--no-python" in words:
+        return words[words.index("--no-python") + 1:]
+    return ["python", *words[words.index("-m"):]]
+
+
 def program_help(words: list[str]) -> str:
-    """`--help` of the program a command runs (torchrun: of the module it starts)."""
-    if words[0] == "torchrun":
-        words = ["python", *words[words.index("-m"):][:2]]
+    """`--help` of the program a command (after `launched`) runs: a module, a script or a coordtok command."""
+    if words[0] == "coordtok":
+        return run([str(BIN / "coordtok"), words[1], "--help"], ROOT).stdout
     program = words[:3] if words[1] == "-m" else words[:2]
     return run([sys.executable, *program[1:], "--help"], ROOT).stdout
 
 
 def test_the_commands_that_need_data_or_gpus_name_only_options_their_programs_have():
-    for words in [words for words in commands() if kind(words) == "options"]:
+    for words in [launched(words) for words in commands() if kind(words) == "options"]:
         text = program_help(words)
-        module_args = words[words.index("-m") + 2:] if "-m" in words else words[2:]
+        module_args = words[3:] if words[1] == "-m" else words[2:]
         options = {word.split("=")[0] for word in module_args if word.startswith("--")}
         assert all(re.search(rf"(^|[\s\[,]){re.escape(o)}\b", text) for o in options), (words, options)
 
