@@ -25,8 +25,7 @@ import numpy as np
 
 from coordtok.formats import tokens as token_files
 from coordtok.formats.tokens import Tokens
-
-UPLOAD_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska", ".mov": "video/quicktime"}
+from coordtok.formats.video import UPLOAD_TYPES
 
 
 class ServerError(RuntimeError):
@@ -46,7 +45,7 @@ def _encode_request(path: str | Path, fmt: str, options: dict) -> dict:
     return {
         "url": "/v1/encode", "params": {"format": fmt, **{k: v for k, v in options.items() if v is not None}},
         "content": path.read_bytes(),
-        "headers": {"content-type": UPLOAD_TYPES.get(path.suffix.lower(), "application/octet-stream")},
+        "headers": {"content-type": UPLOAD_TYPES.get(path.suffix.lower().removeprefix("."), "application/octet-stream")},
     }
 
 
