@@ -7,7 +7,7 @@ model's frame count (the last padded, its frame count kept) -> engine -> token f
 decode: token file (bounded, validated) -> engine (only the requested frames) -> mp4 / webm / npy.
 A request takes its place in the engine's queue once its body has arrived (a slow body holds none);
 its media work runs under the request's deadline and stops when its client goes away.
-generate: a job row (service/jobs.py) -> the generation lane samples, decodes through the engine,
+generate: a job row (service/jobs/) -> the generation lane samples, decodes through the engine,
 writes result files -> GET /v1/jobs/{id} and its results.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -255,13 +254,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lane = sweeper = None
         if generator is not None:
             requeued = await run_in_threadpool(store.recover)
-            loop = asyncio.get_running_loop()
-
-            def decode(triplane) -> np.ndarray:  # from a lane thread, through the engine's queue
-                return asyncio.run_coroutine_threadsafe(engine.decode(triplane, (0, config.frames)), loop).result()[0].numpy()
-
             identity = jobs.token_identity(config, model_id, sha256, generator.model_id)
-            lane = jobs.GenerationLane(store, generator, decode, identity, settings.generation_concurrency, on_sampled=on_sampled)
+            lane = jobs.GenerationLane(store, generator, engine, asyncio.get_running_loop(), identity,
+                                       settings.generation_concurrency, on_sampled=on_sampled)
             lane.start()
             sweeper = asyncio.ensure_future(sweep_periodically(store))
             log.info("generator loaded", extra={"generator": generator.model_id, "requeued_jobs": requeued})
@@ -274,9 +269,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.ready.set(1)
         yield
         metrics.ready.set(0)
-        engine.stopping.set()
-        if lane is not None:  # the running job stops at its next step and goes back to the queue
-            await run_in_threadpool(lane.stop, settings.drain_timeout_s)
+        engine.stopping.set()  # the one stop signal: no new work; the lane's running job goes back to the queue
+        if lane is not None:
+            await run_in_threadpool(lane.join, settings.drain_timeout_s)
             sweeper.cancel()
         deadline = time.monotonic() + settings.drain_timeout_s
         while engine.in_system and time.monotonic() < deadline:
@@ -568,7 +563,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = state.store.result_path(job, k)
         if not path.is_file():
             raise jobs.JobNotFound(f"result {k} of job {job_id} is gone (removed after the retention period)")
-        extension, media_type = jobs.RESULT_TYPES[job.request["format"]]
+        extension, media_type = jobs.RESULT_TYPES[job.request.format]
         return FileResponse(path, media_type=media_type, filename=f"{job_id}-{k}.{extension}")
 
     @app.delete("/v1/jobs/{job_id}", responses=_answers(401, 404, 422, ok={200: _JSON, 202: _JSON, 204: None}))

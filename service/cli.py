@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,8 +16,6 @@ from pathlib import Path
 import httpx
 import torch
 import uvicorn
-
-from coordtok.model.triplane import to_uint8
 
 KEEP_ALIVE_S = 75
 # `coordtok roundtrip`'s default clip: OpenCV's samples/data/tree.avi (Cinepak, 320x240, 15 fps,
@@ -206,18 +205,10 @@ async def _with_client(args: argparse.Namespace, action):
 
 
 def _token_format_of(path: str) -> str:
-    from coordtok.formats.tokens import FORMATS
-
     suffix = Path(path).suffix.lstrip(".")
-    if suffix not in FORMATS:
-        raise ValueError(f"{path}: token files end in {_either(FORMATS)}")
+    if suffix not in ("safetensors", "npz", "json"):
+        raise ValueError(f"{path}: token files end in .safetensors, .npz or .json")
     return suffix
-
-
-def _either(formats) -> str:
-    """Format names as file endings: '.a, .b or .c'."""
-    *others, last = [f".{name}" for name in formats]
-    return f"{', '.join(others)} or {last}"
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -237,11 +228,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from coordtok.formats import tokens
-    from coordtok.formats.video import OUTPUT_FORMATS
 
     fmt = Path(args.output).suffix.lstrip(".")
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"{args.output}: the output ends in {_either(OUTPUT_FORMATS)}")
+    if fmt not in ("mp4", "webm", "npy"):
+        raise ValueError(f"{args.output}: the output ends in .mp4, .webm or .npy")
     parsed = tokens.parse(Path(args.tokens).read_bytes(), _token_format_of(args.tokens), None, max_clips=1 << 20)
     data = asyncio.run(_with_client(args, lambda c: c.decode(parsed, frames=args.frames, fmt=fmt, fps=args.fps,
                                                                restore_size=args.restore_size)))
@@ -271,21 +261,48 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate videos: through a server's job API (--url), or with the models in this process."""
-    from coordtok.service import jobs
+    """Generate videos as a job: on a server (--url), or on the server's app run in this process."""
+    from coordtok.service.jobs import RESULT_TYPES
 
     out = Path(args.output)
-    extension, _ = jobs.RESULT_TYPES[args.format]
+    extension, _ = RESULT_TYPES[args.format]
     request = generate_request(args)  # every option checked before anything is made
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out}: not a folder")
     paths = [out / f"video_{k:03d}.{extension}" for k in range(args.num_videos)]
-    if args.server:
-        seed = _generate_on_server(args, request, paths)
-    else:
-        seed = _generate_here(args, request, paths)
+    seed = asyncio.run(_generate(args, request, paths))
     print(f"wrote {len(paths)} file(s) to {out} (seed {seed})")
     return 0
+
+
+async def _generate(args: argparse.Namespace, request, paths: list[Path]) -> int:
+    """Run the job on --url's server, or in this process on the app `coordtok serve` runs (its
+    generation lane and engine; the job store in a temporary folder); its seed."""
+    from coordtok.service.app import create_app
+    from coordtok.service.client import AsyncClient
+
+    if args.server:
+        async with AsyncClient(args.server, api_key=args.api_key) as client:
+            return await _run_job(client, request, paths, poll_s=0.5)
+    with tempfile.TemporaryDirectory(prefix="coordtok-generate-") as jobs_dir:
+        app = create_app(_generation_settings(args, request, Path(jobs_dir)))
+        async with app.router.lifespan_context(app):
+            if app.state.generator is None:
+                raise ValueError(f"no generator: {app.state.generator_problem}")
+            async with AsyncClient("http://in-process", transport=httpx.ASGITransport(app=app)) as client:
+                return await _run_job(client, request, paths, poll_s=0.1)
+
+
+def _generation_settings(args: argparse.Namespace, request, jobs_dir: Path):
+    """The settings of the app that `coordtok generate` runs in this process: its models and
+    device, and limits that fit this one job."""
+    from coordtok.model.checkpoint import default_device
+    from coordtok.service.settings import Settings
+
+    model = model_setting(args)
+    return Settings(**({"model": model} if model else {}), generator=args.generator or "", jobs_dir=jobs_dir,
+                    devices=[args.device or str(default_device())], generation_batch_size=args.batch_size,
+                    max_videos_per_job=request.num_videos, max_generation_steps=request.steps)
 
 
 # GenerateRequest's fields -> the options of `coordtok generate` that set them.
@@ -335,65 +352,26 @@ class _ProgressPrinter:
             print(file=sys.stderr)
 
 
-def _generate_on_server(args: argparse.Namespace, request, paths: list[Path]) -> int:
-    from coordtok.service.client import Client
-
+async def _run_job(client, request, paths: list[Path], poll_s: float) -> int:
+    """Create the job, show its progress, and write its videos to `paths`; its seed. An interrupt
+    cancels the job."""
     show = _ProgressPrinter()
-    with Client(args.server, api_key=args.api_key) as client:
-        options = request.model_dump()
-        job = client.generate(fmt=options.pop("format"), **options)
-        try:
-            job = client.wait(job["id"], poll_s=0.5, on_progress=lambda j: show(f"job {j['id'][:8]} {_progress_line(j)}"))
-        except KeyboardInterrupt:
-            client.cancel(job["id"])
-            show.done()
-            print(f"cancelled job {job['id']}", file=sys.stderr)
-            raise
-        show.done()
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"job {job['id']} {job['status']}: {job['error'] or 'no results'}")
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for k, path in enumerate(paths):
-            path.write_bytes(client.result(job["id"], k))
-    return job["request"]["seed"]
-
-
-def _generate_here(args: argparse.Namespace, request, paths: list[Path]) -> int:
-    import secrets
-
-    from coordtok.model.checkpoint import default_device
-    from coordtok.service import jobs
-    from coordtok.service.app import fitting_generator, load_served_model, model_identity
-
-    spec = model_setting(args)
-    tokenizer = load_served_model(spec, args.device or str(default_device()))
-    device = next(tokenizer.parameters()).device
-    model_id, sha256 = model_identity(spec)
-    generator, problem = fitting_generator(args.generator or "", spec, sha256, tokenizer.config, device)
-    if generator is None:
-        raise ValueError(f"no generator: {problem}")
+    options = request.model_dump()
+    job = await client.generate(fmt=options.pop("format"), **options)
     try:
-        generator.check(request)
-    except jobs.JobError as error:
-        raise ValueError(str(error)) from None
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    job = {**request.model_dump(), "seed": request.seed if request.seed is not None else secrets.randbelow(2**31)}
-    identity = jobs.token_identity(tokenizer.config, model_id, sha256, generator.model_id)
-    show = _ProgressPrinter()
-    for group in jobs.groups(request.num_videos, args.batch_size):
-        def on_step(step: int, total: int) -> None:
-            show(f"videos {group.start + 1}-{group.stop} of {request.num_videos}, step {step} of {total}")
-
-        triplanes = generator.sample(job, group.start, len(group), on_step)
-        for k in group:
-            one = triplanes[k - group.start]
-            frames = None
-            if request.format != "tokens":
-                with torch.inference_mode():
-                    frames = to_uint8(tokenizer.decode_video(one.to(device))).cpu().numpy()[0]
-            paths[k].write_bytes(jobs.render(job, k, one, frames, identity))
+        job = await client.wait(job["id"], poll_s=poll_s, on_progress=lambda j: show(f"job {j['id'][:8]} {_progress_line(j)}"))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C: asyncio.run cancels the task
+        await client.cancel(job["id"])
+        show.done()
+        print(f"cancelled job {job['id']}", file=sys.stderr)
+        raise
     show.done()
-    return job["seed"]
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['id']} {job['status']}: {job['error'] or 'no results'}")
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for k, path in enumerate(paths):
+        path.write_bytes(await client.result(job["id"], k))
+    return job["request"]["seed"]
 
 
 def frame_range(value: str) -> tuple[int, int]:

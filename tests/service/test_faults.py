@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from coordtok.service import jobs
+from coordtok.service.jobs import store as job_store
 from coordtok.service.app import create_app
 from coordtok.service.settings import Settings
 from tests.service.test_app import video_file
@@ -107,7 +107,7 @@ def test_a_full_disk_fails_the_job_not_the_server(models, tmp_path, monkeypatch)
         def no_space(fd):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(jobs.os, "fsync", no_space)
+        monkeypatch.setattr(job_store.os, "fsync", no_space)
         job = client.post("/v1/generate", json={"num_videos": 2, "steps": 2, "seed": 1}).json()
         failed = wait(client, job["id"])
         monkeypatch.undo()
