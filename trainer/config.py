@@ -1,4 +1,5 @@
-"""The tokenizer trainer's configuration, resolved once from a JSON file and CLI flags.
+"""The trainers' configurations (the fields every run has, and the tokenizer trainer's), resolved
+once from a JSON file and CLI flags.
 
 Precedence: defaults < `--config FILE.json` < explicit flags. The resolved config is written to the
 run folder (`config.json`) so a run can be repeated and resumed.
@@ -14,18 +15,58 @@ from pathlib import Path
 from coordtok.model.config import PRESETS
 
 
-@dataclass
-class TrainConfig:
-    # What to train: a preset name, or a .safetensors file to start from (e.g. stage 1's export).
-    model: str = "coordtok-tiny"
-    # Model config fields to override on a preset, e.g. {"decode_slice_frames": 4}.
+@dataclass(kw_only=True)
+class RunConfig:
+    """What every training run sets: the model, the data, the loop (trainer/loop.py) and the run
+    folder. Each trainer's config extends it and gives the fields left without a default here."""
+
+    # What to train (a preset name, or a .safetensors file to start from) and config fields to
+    # override on it.
+    model: str
     model_overrides: dict = field(default_factory=dict)
+    videos: str = ""
+    exclude: list[str] = field(default_factory=list)  # file names held out of training
+    run_dir: str
+
+    batch_size: int  # clips per process and micro-step
+    accum_steps: int = 1
+    steps: int  # optimiser steps
+    lr: float = 1e-4
+    min_lr: float  # cosine decay to min_lr after the warm-up (equal to lr: constant)
+    warmup_steps: int = 500
+    weight_decay: float
+    grad_clip: float = 1.0
+    ema_decay: float  # 0 disables the EMA of the weights
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+
+    fps: float = 0.0  # resample videos to this frame rate (0: keep the source rate)
+    clips_per_video: int = 1
+    workers: int = 2  # video decoding processes
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    log_every: int = 10
+    ckpt_every: int
+    keep_last: int = 3
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError("precision must be auto, fp32, bf16 or fp16")
+
+    def require_positive(self, *names: str) -> None:
+        """ValueError naming `names` unless each of those fields is 1 or more."""
+        if min(getattr(self, name) for name in names) < 1:
+            raise ValueError(f"{', '.join(names[:-1])} and {names[-1]} must be positive")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunConfig):
+    model: str = "coordtok-tiny"  # or a .safetensors file, e.g. stage 1's export
     # How a preset's weights start: "random", or "codec" (trainer/codec_init.py: the network
     # computes a linear triplane codec fitted to `init_clips` training clips, then trains on).
     init: str = "random"
     init_clips: int = 32
-    videos: str = ""
-    exclude: list[str] = field(default_factory=list)  # file names held out of training
     run_dir: str = "runs/tokenizer"
 
     # Stage 1: MSE on `points` random patches per clip. Stage 2: every patch of
@@ -36,32 +77,19 @@ class TrainConfig:
     lpips_weights: str = ""  # a LPIPS .safetensors file; without it stage 2 is MSE only
     lpips_weight: float = 1.0
 
-    batch_size: int = 4  # clips per process and micro-step
-    accum_steps: int = 1
-    steps: int = 10000  # optimiser steps
-    lr: float = 1e-4
+    batch_size: int = 4
+    steps: int = 10000
     min_lr: float = 1e-5
-    warmup_steps: int = 500
     weight_decay: float = 0.001  # the paper's AdamW weight decay
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0  # 0 disables the EMA of the weights
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+    ema_decay: float = 0.0
 
-    fps: float = 0.0  # resample videos to this frame rate (0: keep the source rate)
     # Random views of the training clips (trainer/data.py `Augment`: crops, flips, time reversal,
     # strides, short clips); `augment_options` overrides its fields, e.g. {"min_scale": 0.5}.
     augment: bool = False
     augment_options: dict = field(default_factory=dict)
-    clips_per_video: int = 1
     cache: bool = False  # keep decoded videos in memory
-    workers: int = 2
-    seed: int = 0
-    threads: int = 0  # torch CPU threads (0: torch's default)
 
-    log_every: int = 10
     ckpt_every: int = 500
-    keep_last: int = 3
-    tensorboard: bool = False
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
@@ -71,17 +99,14 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError("stage must be 1 or 2")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError("precision must be auto, fp32, bf16 or fp16")
+        super().validate()
         if self.init not in ("random", "codec"):
             raise ValueError("init must be random or codec")
         if self.init == "codec" and self.model not in PRESETS:
             raise ValueError("init=codec starts a preset from scratch; a .safetensors model already has weights")
         if not self.videos:
             raise ValueError("--videos DIR is required")
-        if min(self.batch_size, self.accum_steps, self.steps, self.points) < 1:
-            raise ValueError("batch_size, accum_steps, steps and points must be positive")
-
+        self.require_positive("batch_size", "accum_steps", "steps", "points")
 
 
 def parse_cli(cls, argv: list[str] | None, prog: str, description: str):
