@@ -205,10 +205,18 @@ async def _with_client(args: argparse.Namespace, action):
 
 
 def _token_format_of(path: str) -> str:
+    from coordtok.formats.tokens import FORMATS
+
     suffix = Path(path).suffix.lstrip(".")
-    if suffix not in ("safetensors", "npz", "json"):
-        raise ValueError(f"{path}: token files end in .safetensors, .npz or .json")
+    if suffix not in FORMATS:
+        raise ValueError(f"{path}: token files end in {_either(FORMATS)}")
     return suffix
+
+
+def _either(formats) -> str:
+    """Format names as file endings: '.a, .b or .c'."""
+    *others, last = [f".{name}" for name in formats]
+    return f"{', '.join(others)} or {last}"
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -228,10 +236,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from coordtok.formats import tokens
+    from coordtok.formats.video import OUTPUT_FORMATS
 
     fmt = Path(args.output).suffix.lstrip(".")
-    if fmt not in ("mp4", "webm", "npy"):
-        raise ValueError(f"{args.output}: the output ends in .mp4, .webm or .npy")
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"{args.output}: the output ends in {_either(OUTPUT_FORMATS)}")
     parsed = tokens.parse(Path(args.tokens).read_bytes(), _token_format_of(args.tokens), None, max_clips=1 << 20)
     data = asyncio.run(_with_client(args, lambda c: c.decode(parsed, frames=args.frames, fmt=fmt, fps=args.fps,
                                                                restore_size=args.restore_size)))
