@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +144,7 @@ def read_manifest(folder: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(folder) / MANIFEST).read_text().splitlines()]
 
 
-def training_clips(folder: str | Path, weights_sha256: str, exclude: list[str] = (),
+def training_clips(folder: str | Path, weights_sha256: str, exclude: Sequence[str] = (),
                    conditional: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Every clip of a finished dataset folder, for the generator: flattened triplanes [N, D]
     (float32), the class of each clip [N] and the class names (none unless `conditional`). A clip's
@@ -158,10 +158,10 @@ def training_clips(folder: str | Path, weights_sha256: str, exclude: list[str] =
     if specs[0].settings["weights_sha256"] != weights_sha256:
         raise ValueError(f"{folder} holds the tokens of weights {specs[0].settings['weights_sha256'] or '(random)'}, "
                          f"not of the tokenizer {weights_sha256}")
-    latents, sources = [], []
+    latents, sources, excluded = [], [], set(exclude)
     for spec in specs:
         path = shard_path(folder, spec.index)
-        rows = [row for row in read_header(path)[1] if "index" in row and Path(row["source"]).name not in set(exclude)]
+        rows = [row for row in read_header(path)[1] if "index" in row and Path(row["source"]).name not in excluded]
         latents.append(flatten(read_planes(path)[[row["index"] for row in rows]]))
         sources += [row["source"] for row in rows]
     if not sources:

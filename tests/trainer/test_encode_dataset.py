@@ -188,7 +188,7 @@ def test_a_killed_run_leaves_whole_shards_and_resumes_to_the_same_ones(reference
     assert_same_shards(tmp_path, reference)
 
 
-def test_a_folder_written_with_other_settings_is_refused(reference, videos, tokenizer, tmp_path):
+def test_a_folder_of_other_settings_files_or_damaged_shards_is_refused(reference, videos, tokenizer, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     with pytest.raises(ValueError, match="other settings .*fps None then, 5.0 now"):
@@ -199,6 +199,10 @@ def test_a_folder_written_with_other_settings_is_refused(reference, videos, toke
             encode_dataset(videos, out, tokenizer, OPTIONS, single_process())
     finally:
         (videos / "ClassA" / "v_ClassA_g00_c01.mp4").unlink()
+    damaged = shard_path(out, 2)
+    damaged.write_bytes(shard_path(reference, 2).read_bytes()[:100])
+    with pytest.raises(ValueError, match="shard-00002.safetensors is not a whole token shard"):
+        encode_dataset(videos, out, tokenizer, OPTIONS, single_process())
 
 
 def test_bad_options_are_refused_before_the_model_loads(videos, tmp_path, capsys):
