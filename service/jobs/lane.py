@@ -21,19 +21,18 @@ is batched with and waits behind requests, and the engine's deadlines and device
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from coordtok.formats import tokens
-from coordtok.formats.video import write_video
+from coordtok.formats.video import video_bytes
 from coordtok.model import Triplane
 from coordtok.model.clips import policy_for
 from coordtok.model.config import CoordTokConfig
@@ -45,7 +44,6 @@ from coordtok.service.jobs.request import JobRequest
 
 log = logging.getLogger("coordtok.jobs")
 
-_CODECS = {"mp4": "h264", "webm": "vp9"}
 ADMISSION_RETRY_S = 0.05  # the lane's pause before asking again for a place in a full engine queue
 
 
@@ -65,25 +63,25 @@ class JobQueue(Protocol):
     def write_result(self, job: Job, k: int, payload: bytes) -> None: ...
 
 
-def token_identity(config: CoordTokConfig, model_id: str, sha256: str, generator_id: str) -> dict[str, str]:
+def token_identity(config: CoordTokConfig, model_id: str, sha256: str, generator_id: str) -> tokens.TokenMetadata:
     """Metadata that generated token files carry, so that /v1/decode accepts them."""
-    return {"model_id": model_id, "weights_sha256": sha256, "frames_per_clip": str(config.frames),
-            "n_frames": json.dumps([config.frames]), "clip_starts": "[0]", "clip_policy": policy_for(config.reference_compat),
-            "generator": generator_id}
+    return tokens.TokenMetadata(model_id=model_id, weights_sha256=sha256, frames_per_clip=config.frames,
+                                n_frames=(config.frames,), clip_starts=(0,), clip_policy=policy_for(config.reference_compat),
+                                extra={"generator": generator_id})
 
 
-def render(request: JobRequest, k: int, triplane: Triplane, frames: np.ndarray | None, identity: dict[str, str]) -> bytes:
+def render(request: JobRequest, k: int, triplane: Triplane, frames: np.ndarray | None,
+           identity: tokens.TokenMetadata) -> bytes:
     """The result file of video k: the decoded `frames` (uint8 [T, H, W, 3]) as mp4/webm, or
     its `triplane` (one clip) as a token file that /v1/decode accepts."""
     if request.format == "tokens":
-        meta = {**identity, "seed": str(request.seed), "index": str(k), "sampler": request.sampler,
-                "steps": str(request.steps), "guidance": f"{request.guidance:g}", "fps": f"{request.fps:g}"}
+        made = {"seed": str(request.seed), "index": str(k), "sampler": request.sampler, "steps": str(request.steps),
+                "guidance": f"{request.guidance:g}"}
         if request.class_label is not None:
-            meta["class_label"] = str(request.class_label)
+            made["class_label"] = str(request.class_label)
+        meta = replace(identity, fps=request.fps, extra={**identity.extra, **made})
         return tokens.serialise(tokens.Tokens(triplane, meta), "safetensors")
-    buffer = io.BytesIO()
-    write_video(frames, buffer, request.fps, codec=_CODECS[request.format])
-    return buffer.getvalue()
+    return video_bytes(frames, request.fps, request.format)
 
 
 class _Stop(Exception):
@@ -101,7 +99,7 @@ class GenerationLane:
     sampled (metrics)."""
 
     def __init__(self, store: JobQueue, generator: Generator, engine: Engine, loop: asyncio.AbstractEventLoop,
-                 identity: dict[str, str], concurrency: int = 1, progress_interval_s: float = 0.2,
+                 identity: tokens.TokenMetadata, concurrency: int = 1, progress_interval_s: float = 0.2,
                  on_sampled: Callable[[int, float], None] | None = None) -> None:
         self.store, self.generator, self.engine, self.loop = store, generator, engine, loop
         self.identity, self.concurrency, self.progress_interval_s = identity, concurrency, progress_interval_s

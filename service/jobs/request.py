@@ -10,13 +10,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordtok.formats import tokens
-from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS
+from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS, OUTPUT_FORMATS
 from coordtok.model.transport import SAMPLERS
 
-# Output format -> (file extension, media type) of a job's results.
+# Output format -> (file extension, media type) of a job's results: a video, or a token file.
 RESULT_TYPES = {
-    "mp4": ("mp4", "video/mp4"),
-    "webm": ("webm", "video/webm"),
+    **{name: (name, OUTPUT_FORMATS[name].media_type) for name in ("mp4", "webm")},
     "tokens": ("safetensors", tokens.FORMATS["safetensors"]),
 }
 MAX_SEED = 2**63 - 1
