@@ -45,8 +45,8 @@ from coordtok.model import CoordTok, PRESETS, load_model
 from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from coordtok.model.clips import ClipLayout, policy_for
 from coordtok.service import jobs, uploads
-from coordtok.service.errors import ERROR_CONTENT, BodyTimeout, BodyTooLarge, RequestError, error_response, refusal
 from coordtok.service.engine import BatchStats, DeadlineExceeded, Engine, EngineError, NotReady
+from coordtok.service.errors import ERROR_CONTENT, BodyTimeout, BodyTooLarge, RequestError, error_response, refusal
 from coordtok.service.metrics import Metrics
 from coordtok.service.settings import Settings, unknown_variables
 

@@ -437,6 +437,8 @@ def _add_model_options(parser: argparse.ArgumentParser, in_process_only: bool = 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from coordtok.service.jobs.request import RESULT_TYPES
+
     parser = argparse.ArgumentParser(prog="coordtok", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -512,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None, help="default: a random one (printed)")
     generate.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (needs --class-label)")
     generate.add_argument("--class-label", type=int, default=None, help="the class, for a class-conditional generator")
-    generate.add_argument("--format", choices=["mp4", "webm", "tokens"], default="mp4", help="what each result file holds")
+    generate.add_argument("--format", choices=list(RESULT_TYPES), default="mp4", help="what each result file holds")
     generate.add_argument("--fps", type=float, default=None, help="frame rate of the videos (default 25)")
     generate.add_argument("--url", "--server", dest="server", type=server_url, metavar="URL", default=None,
                           help="the server, e.g. http://localhost:8000 (default: run the models in this process)")

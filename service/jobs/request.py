@@ -33,7 +33,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="absent: the server picks one and reports it")
     guidance: float = Field(1.0, ge=1.0, le=100.0, description="classifier-free guidance scale (1: none)")
     class_label: int | None = Field(None, ge=0, description="for a class-conditional generator")
-    format: Literal["mp4", "webm", "tokens"] = "mp4"
+    format: Literal[tuple(RESULT_TYPES)] = "mp4"
     fps: float = Field(FALLBACK_FPS, ge=MIN_FPS, le=MAX_FPS, description="frame rate written into mp4/webm results")
 
     def fingerprint(self) -> str:
