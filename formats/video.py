@@ -15,8 +15,9 @@ Errors form one hierarchy under `MediaError` (what each means to a client: servi
 A still image FFmpeg reads (PNG, JPEG, ...) is a video of one frame; a PNG's size is checked from
 its header before FFmpeg sees it.
 
-Long work can be stopped: `read_frames`, `write_video` and `restore_source_size` call `check_stop()`
-before each frame, and whatever it raises ends the work (a server's deadline, a client gone).
+Long work can be stopped: `read_frames`, `write_video`, `restore_source_size` and `restored_frames`
+call `check_stop()` before each frame, and whatever it raises ends the work (a server's deadline, a
+client gone).
 
 Missing files and permission errors are not media errors and propagate unchanged (FFmpeg's I/O
 errors on a damaged file are media errors).
@@ -604,7 +605,8 @@ def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str
     H.264 in yuv420p needs even sizes: an odd height or width is padded by repeating the last row
     or column, so the decoded video is one pixel larger there (VP9 keeps odd sizes). An MP4 written
     to a path has its index at the front (faststart) for progressive playback; to a file object it
-    is at the end. `check_stop` is called before each frame.
+    is at the end. `check_stop` is called before each frame. (`formats.video_stream` writes a file
+    clip by clip instead.)
     """
     if codec not in _ENCODERS:
         raise ValueError(f"codec must be one of {tuple(_ENCODERS)}, got {codec!r}")
@@ -612,21 +614,44 @@ def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be uint8 [T>0, H, W, 3], got {frames.dtype} {frames.shape}")
     check_fps(fps, "the output rate")
-    container_format = next(name for name, f in OUTPUT_FORMATS.items() if f.codec == codec)
-    encoder, encoder_options = _ENCODERS[codec]
-    if codec == "h264" and (frames.shape[1] % 2 or frames.shape[2] % 2):
-        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
     is_path = isinstance(path_or_file, (str, os.PathLike))
     options = {"fflags": "+bitexact", **({"movflags": "faststart"} if codec == "h264" and is_path else {})}
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(path_or_file, mode="w", format=container_format, options=options) as container:
-        stream = container.add_stream(encoder, rate=rate, options=encoder_options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    with av.open(path_or_file, mode="w", format=container_format(codec), options=options) as container:
+        stream = add_video_stream(container, codec, fps, frames.shape[1:3])
         for image in frames:
             if check_stop is not None:
                 check_stop()
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode(video_frame(image, stream)))
         container.mux(stream.encode(None))
+
+
+def container_format(codec: str) -> str:
+    """The output format (FFmpeg's muxer) that holds `codec`."""
+    return next(name for name, f in OUTPUT_FORMATS.items() if f.codec == codec)
+
+
+def add_video_stream(container: av.container.OutputContainer, codec: str, fps: float, size: tuple[int, int],
+                     options: dict[str, str] | None = None) -> av.video.stream.VideoStream:
+    """Add a `codec` encoder (`_ENCODERS`, its options updated by `options`) for frames of `size`
+    (H, W) at `fps` to an output container. H.264 in yuv420p takes even sizes only: an odd side is
+    one pixel larger in the stream (`video_frame` pads the frames)."""
+    encoder, encoder_options = _ENCODERS[codec]
+    stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001),
+                                  options={**encoder_options, **(options or {})})
+    height, width = size
+    if codec == "h264":
+        height, width = height + height % 2, width + width % 2
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    return stream
+
+
+def video_frame(image: np.ndarray, stream: av.video.stream.VideoStream) -> av.VideoFrame:
+    """RGB uint8 `[H, W, 3]` as a frame for `stream`, padded to the stream's size by repeating the
+    last row and column (`add_video_stream`)."""
+    pad_h, pad_w = stream.height - image.shape[0], stream.width - image.shape[1]
+    if pad_h or pad_w:
+        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return av.VideoFrame.from_ndarray(image, format="rgb24")
 
 
 def video_bytes(frames: np.ndarray, fps: float, fmt: str, check_stop: Callable[[], None] | None = None) -> bytes:
@@ -654,14 +679,27 @@ def restore_source_size(frames: np.ndarray, geometry: Geometry, check_stop: Call
     `check_stop` is called before each frame.
     """
     check_restorable(geometry)
+    restored = np.empty((len(frames), *geometry.source, 3), dtype=np.uint8)
+    for i, frame in enumerate(restored_frames(frames, geometry, check_stop)):
+        restored[i] = frame
+    return restored
+
+
+def restored_frames(frames: np.ndarray, geometry: Geometry,
+                    check_stop: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
+    """`restore_source_size` one frame at a time: uint8 `[source H, source W, 3]` for each of
+    `frames` (checked at the call), so that only one restored frame is held."""
+    check_restorable(geometry)
+    return _restored(frames, geometry, check_stop)
+
+
+def _restored(frames: np.ndarray, geometry: Geometry, check_stop: Callable[[], None] | None) -> Iterator[np.ndarray]:
     top, left, height, width = geometry.pad
     source_h, source_w = geometry.source
     reformatter = VideoReformatter()
-    restored = np.empty((len(frames), source_h, source_w, 3), dtype=np.uint8)
-    for i, frame in enumerate(frames[:, top : top + height, left : left + width]):
+    for frame in frames[:, top : top + height, left : left + width]:
         if check_stop is not None:
             check_stop()
         picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        restored[i] = reformatter.reformat(picture, width=source_w, height=source_h, format="rgb24",
-                                           interpolation=Interpolation.BICUBIC).to_ndarray()
-    return restored
+        yield reformatter.reformat(picture, width=source_w, height=source_h, format="rgb24",
+                                   interpolation=Interpolation.BICUBIC).to_ndarray()
