@@ -1,7 +1,8 @@
 """The images' install steps and entry point, run here as the Dockerfiles run them (this machine has
 no Docker engine): the files the Dockerfile copies are copied to a folder, its RUN steps (the same
 docker/install.sh in both images) run in a fresh virtual environment, the project is installed
-from those files and not editable, then `coordtok --help` works and docker/entrypoint.sh serves,
+from those files and not editable (as the `coordtok` package only: `import model` fails, `import
+coordtok; coordtok.load_model()` works), then `coordtok --help` works and docker/entrypoint.sh serves,
 with the models of a mounted folder or else the bundled ones, and answers its own health check.
 
 The environment borrows from this interpreter the distributions it has at the pinned versions
@@ -122,11 +123,15 @@ def install_and_serve(tmp_path: Path, venv: Path) -> None:
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{step}:\n{done.stdout}\n{done.stderr}"
 
-    where = subprocess.run([python, "-c", "import service, model; print(service.__file__); print(model.__file__)"],
+    where = subprocess.run([python, "-c", "import coordtok; print(coordtok.__file__); print(coordtok.load_model().config.frames)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
     site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
-    assert all(Path(path).is_relative_to(site) for path in where), where  # installed, not the checkout
-    assert (site / "service" / "static" / "index.html").is_file() and (site / "model" / "weights" / "default.safetensors").is_file()
+    assert Path(where[0]).is_relative_to(site) and where[1] == "128", where  # installed, not the checkout
+    package = site / "coordtok"
+    assert (package / "service" / "static" / "index.html").is_file() and (package / "model" / "weights" / "default.safetensors").is_file()
+    for bare in ("model", "kernels", "formats", "trainer", "service"):  # only the coordtok namespace is installed
+        imported = subprocess.run([python, "-c", f"import {bare}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert imported.returncode != 0 and f"No module named '{bare}'" in imported.stderr, (bare, imported.stderr)
     helped = subprocess.run([bin_dir / "coordtok", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert helped.returncode == 0 and "serve" in helped.stdout
 
