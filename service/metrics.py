@@ -7,8 +7,17 @@ kind, device: never a request id).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from coordtok.service.jobs.job import FINISHED
+
+if TYPE_CHECKING:
+    from coordtok.service.engine import BatchStats, Engine
+    from coordtok.service.jobs import Job
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BYTES_BUCKETS = tuple(2**k for k in range(10, 31, 2))  # 1 KiB .. 1 GiB
@@ -57,9 +66,38 @@ class Metrics:
         self.build = Info("coordtok_build", "Server build.", registry=r)
         self.model = Info("coordtok_model", "The served model.", registry=r)
 
-    def sample_devices(self, devices: list[str]) -> None:
-        """Refresh the GPU memory gauges (called at each scrape)."""
+    def observe_batch(self, stats: BatchStats) -> None:
+        """The engine's report of one batch (its `on_batch`)."""
+        self.batch_size.labels(stats.kind).observe(stats.requests)
+        self.batch_frames.labels(stats.kind).observe(stats.frames)
+        self.model_seconds.labels(stats.kind, stats.device).observe(stats.seconds)
+        if stats.ok:
+            self.frames.labels(stats.kind).inc(stats.frames)
+        if stats.out_of_memory:
+            self.oom.labels(stats.device).inc()
+
+    def observe_transition(self, job: Job) -> None:
+        """A job entered `job.status` (the job store's `on_transition`)."""
+        self.job_transitions.labels(job.status).inc()
+        if job.status == "running" and job.attempts == 1:
+            self.job_wait.observe(job.started_at - job.created_at)
+        elif job.status in FINISHED and job.started_at is not None:
+            self.job_duration.labels(job.status).observe(job.finished_at - job.started_at)
+            if job.status == "succeeded":
+                self.videos_generated.inc(job.num_videos)
+
+    def observe_sampling(self, steps: int, seconds: float) -> None:
+        """A group of videos sampled in `steps` steps (the generation lane's `on_sampled`)."""
+        self.sampling_rate.observe(steps / max(seconds, 1e-9))
+
+    def refresh(self, engine: Engine, devices: list[str], job_counts: Mapping[str, int]) -> None:
+        """Set the gauges computed at scrape time: queue, running batches, GPU memory, jobs by status."""
+        self.queue_size.set(engine.in_system)
+        for worker in engine.workers:
+            self.running.labels(str(worker.device)).set(worker.running)
         for device in devices:
             if device.startswith("cuda"):
                 self.gpu_allocated.labels(device).set(torch.cuda.memory_allocated(device))
                 self.gpu_reserved.labels(device).set(torch.cuda.memory_reserved(device))
+        for status, count in job_counts.items():
+            self.jobs.labels(status).set(count)

@@ -5,7 +5,7 @@ stops it).
 
 The headers of a request must be complete within `header_timeout_s` of the connection opening,
 or of the first byte of a later request on a kept-alive connection; otherwise the connection is
-closed. Bodies have their own deadline (service.app.BodyLimitMiddleware); idle kept-alive
+closed. Bodies have their own deadline (service.middleware.BodyLimitMiddleware); idle kept-alive
 connections keep uvicorn's `timeout_keep_alive`.
 """
 from __future__ import annotations

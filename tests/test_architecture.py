@@ -58,3 +58,30 @@ def test_project_modules_are_imported_through_the_coordtok_namespace():
         if module.split(".")[0] in PACKAGES
     ]
     assert bare == []
+
+
+MAX_SERVICE_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def project_files() -> list[Path]:
+    """The project's Python files, tests excluded."""
+    return [p for p in ROOT.rglob("*.py")
+            if not {".venv", "build", "tests"} & set(p.relative_to(ROOT).parts)]
+
+
+def test_no_service_file_is_over_400_lines():
+    long = {str(path.relative_to(ROOT)): lines for path in (ROOT / "service").rglob("*.py")
+            if (lines := len(path.read_text().splitlines())) > MAX_SERVICE_FILE_LINES}
+    assert long == {}
+
+
+def test_no_function_outside_tests_is_over_60_lines():
+    """Nested functions count on their own (a closure inside a long function is also measured)."""
+    long = {
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}": node.end_lineno - node.lineno + 1
+        for path in project_files()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+    assert long == {}

@@ -238,7 +238,7 @@ def test_a_full_queue_answers_503_with_retry_after(weights):
     async def run():
         release = threading.Event()
         async with app.router.lifespan_context(app):
-            worker = app.state.engine.workers[0]
+            worker = app.state.runtime.engine.workers[0]
             real_run = worker.run
             worker.run = lambda batch: (release.wait(30), real_run(batch))[1]  # the first request holds its place
             transport = httpx.ASGITransport(app=app)
@@ -266,7 +266,7 @@ def test_a_client_that_disconnects_frees_its_queued_work(weights):
 
     async def run():
         async with app.router.lifespan_context(app):
-            worker = app.state.engine.workers[0]
+            worker = app.state.runtime.engine.workers[0]
             real_run, ran = worker.run, []
             worker.run = lambda batch: (ran.append(len(batch)), time.sleep(0.5), real_run(batch))[2]
             transport = httpx.ASGITransport(app=app)

@@ -46,7 +46,7 @@ def fail_once(function, error: Exception):
 def test_out_of_memory_in_a_batch_fails_it_with_503_and_the_next_requests_succeed(models, tmp_path):
     app = create_app(settings(models, tmp_path, generator="none"))
     with TestClient(app) as client:
-        model = app.state.engine.workers[0].model
+        model = app.state.runtime.engine.workers[0].model
         model.encode = fail_once(model.encode, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
         failed = client.post("/v1/encode", content=video_file(8), headers=VIDEO)
         assert failed.status_code == 503 and failed.headers["retry-after"] == "1"

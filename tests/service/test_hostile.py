@@ -25,7 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from coordtok.model import Triplane
-from coordtok.service import app as app_module
+from coordtok.service import middleware
 from coordtok.formats import video as media
 from coordtok.service.app import create_app
 from coordtok.formats.tokens import Tokens, plane_shapes, serialise
@@ -149,7 +149,7 @@ def test_slow_bodies_hold_no_queue_place_and_end_with_408(server):
 def test_a_body_below_the_minimum_rate_gets_408_before_the_body_deadline(models, tmp_path, monkeypatch):
     """1 byte per 0.1 s against a minimum rate of 1 kB/s counted from 0.2 s: 408 long before the
     60 s body deadline, and the route never got the body."""
-    monkeypatch.setattr(app_module, "_BODY_RATE_GRACE_S", 0.2)
+    monkeypatch.setattr(middleware, "_BODY_RATE_GRACE_S", 0.2)
     app = create_app(settings(models, tmp_path, generator="none", body_timeout_s=60, body_min_rate=1000))
     sent = 0
 
@@ -261,7 +261,7 @@ def test_restored_answers_are_bounded_before_decoding(server):
 def test_restore_size_on_cropped_tokens_fails_before_any_decoding(models, tmp_path):
     with TestClient(create_app(settings(models, tmp_path, generator="none"))) as client:
         cropped = client.post("/v1/encode", content=video_file(8, h=24, w=32), headers=VIDEO).content
-        engine, decoded = client.app.state.engine, []
+        engine, decoded = client.app.state.runtime.engine, []
         real = engine.decode
         engine.decode = lambda *args: (decoded.append(1), real(*args))[1]
         response = client.post("/v1/decode?restore_size=true", content=cropped, headers=SAFETENSORS)

@@ -141,13 +141,13 @@ def test_the_lanes_decodes_take_a_place_in_the_engine_queue_and_wait_for_one(mod
     not fail and does not pass the request); once the place is free it finishes."""
     app = create_app(settings(models, tmp_path, max_queue=1))
     with TestClient(app) as c:
-        with app.state.engine.admit():  # the only place, held as a request in progress holds it
+        with app.state.runtime.engine.admit():  # the only place, held as a request in progress holds it
             job = c.post("/v1/generate", json={"num_videos": 1, "steps": 2}).json()
             wait(c, job["id"], until=lambda j: j["progress"]["step"] == 2)  # sampled; now it decodes
             time.sleep(0.5)
             waiting = c.get(f"/v1/jobs/{job['id']}").json()
             assert waiting["status"] == "running" and waiting["progress"]["videos_done"] == 0, waiting
-            assert app.state.engine.in_system == 1
+            assert app.state.runtime.engine.in_system == 1
         done = wait(c, job["id"])
         assert done["status"] == "succeeded" and done["progress"]["videos_done"] == 1
 

@@ -6,7 +6,8 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from coordtok.service.app import StartupError, create_app
+from coordtok.service.app import create_app
+from coordtok.service.runtime import StartupError
 from coordtok.service.settings import Settings, unknown_variables
 
 

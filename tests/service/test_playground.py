@@ -27,7 +27,7 @@ from coordtok.model import LatentStats, SiT, load_model, save_generator, sit_pre
 from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from coordtok.model.triplane import to_uint8
 from coordtok.service.app import create_app
-from coordtok.service.cli import SAMPLE_CLIP
+from coordtok.service.commands.roundtrip import SAMPLE_CLIP
 from coordtok.formats.video import MediaLimits, read_frames, write_video
 from coordtok.service.settings import Settings
 from tests.service.server_process import ROOT, running_server

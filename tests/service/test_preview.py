@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from coordtok.service.app import create_app
-from coordtok.service.cli import SAMPLE_CLIP
+from coordtok.service.commands.roundtrip import SAMPLE_CLIP
 from coordtok.formats.video import MediaLimits, read_frames
 from tests.service.test_engine import CONFIG
 from tests.service.test_jobs import settings

@@ -21,7 +21,7 @@ def test_replicas_lost_one_by_one_end_in_a_failing_health_check(models, tmp_path
     app = create_app(settings)
     body = video_file(8)
     with TestClient(app) as client:
-        first, second = app.state.engine.workers
+        first, second = app.state.runtime.engine.workers
         assert client.post("/v1/encode", content=body, headers=VIDEO).status_code == 200
         first.run = lost_device
         failed = client.post("/v1/encode", content=body, headers=VIDEO)

@@ -12,7 +12,7 @@ import httpx
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
-from coordtok.service import app as app_module
+from coordtok.service import middleware
 from coordtok.service import uploads as uploads_module
 from coordtok.service.app import create_app
 from coordtok.service.jobs import GenerateRequest, JobStore
@@ -78,7 +78,7 @@ def test_keys_are_compared_in_constant_time_with_every_key(models, tmp_path, mon
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
     app = create_app(settings(models, tmp_path, api_keys=[KEY, "second-key"], generator="none"))
     with TestClient(app) as client:
         assert client.get("/v1/models", headers={"authorization": f"Bearer {KEY}"}).status_code == 200

@@ -20,7 +20,7 @@ from coordtok.model import CoordTok, CoordTokConfig, load_model
 from coordtok.model.checkpoint import save_model
 from coordtok.model.clips import ClipLayout
 from coordtok.model.triplane import from_uint8
-from coordtok.service.app import model_identity
+from coordtok.service.model_setting import model_identity
 from coordtok.service.cli import main as coordtok
 from coordtok.trainer import distributed, token_shards
 from coordtok.trainer.encode_dataset import EncodeOptions, Tokenizer, encode_dataset
