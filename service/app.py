@@ -24,11 +24,10 @@ from coordtok.service.runtime import VERSION, Runtime, StartupError
 from coordtok.service.settings import Settings
 
 
-def create_app(settings: Settings | None = None, address: str | None = None) -> FastAPI:
-    """The app for `settings` (default: from the environment), served at `address` (host:port,
-    which `coordtok serve` binds before the app starts; None: run in this process). Its state:
-    `metrics` (from the start), `runtime` (None until the lifespan has started it) and
-    `startup_error` (why it could not start, which `coordtok serve` prints)."""
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment). Its state: `metrics` (from the
+    start), `runtime` (None until the lifespan has started it) and `startup_error` (why it could
+    not start, which `coordtok serve` prints)."""
     settings = settings or Settings()
     metrics = Metrics()
     metrics.build.info({"version": VERSION, "torch": torch.__version__})
@@ -36,7 +35,7 @@ def create_app(settings: Settings | None = None, address: str | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            app.state.runtime = await Runtime.start(settings, metrics, address)
+            app.state.runtime = await Runtime.start(settings, metrics)
         except StartupError as error:
             app.state.startup_error = str(error)
             raise
