@@ -10,7 +10,9 @@
         mp4 = client.result(job["id"], 0)               # bytes of video 0
 
 `AsyncClient` has the same methods as coroutines. Either takes an httpx `transport`, e.g.
-`httpx.ASGITransport(app)` to talk to an app in the same process.
+`httpx.ASGITransport(app)` to talk to an app in the same process. A refusal raises `ServerError`
+(its status and message); a decode the server cuts after its first bytes (it streams its video and
+failed on the way) raises `IncompleteAnswer`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,22 @@ class ServerError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+
+
+class IncompleteAnswer(RuntimeError):
+    """The server started an answer (a decode streams its video) and closed the connection before
+    its end: the work failed after the first bytes were sent (past the deadline, a device failure,
+    the server stopping). The server's log says why, under the request id."""
+
+    def __init__(self, response: httpx.Response, received: int) -> None:
+        request_id = response.headers.get("x-request-id", "?")
+        super().__init__(f"the server cut its answer after {received} bytes (request id {request_id}); the "
+                         "decode failed after it had started sending: its log says why; retry, or ask for fewer frames")
+        self.received, self.request_id = received, request_id
+
+
+# What httpx raises when a connection closes in the middle of a body.
+_CUT = (httpx.RemoteProtocolError, httpx.ReadError)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -82,6 +100,35 @@ def _checked(response: httpx.Response) -> httpx.Response:
     return response
 
 
+def _streamed_body(response: httpx.Response) -> bytes:
+    """The whole body of a streamed `response` (refusals raise ServerError); IncompleteAnswer when
+    the server cuts it."""
+    if response.status_code >= 400:
+        response.read()
+        _checked(response)
+    parts = []
+    try:
+        for chunk in response.iter_bytes():
+            parts.append(chunk)
+    except _CUT:
+        raise IncompleteAnswer(response, sum(map(len, parts))) from None
+    return b"".join(parts)
+
+
+async def _astreamed_body(response: httpx.Response) -> bytes:
+    """`_streamed_body` of an async response."""
+    if response.status_code >= 400:
+        await response.aread()
+        _checked(response)
+    parts = []
+    try:
+        async for chunk in response.aiter_bytes():
+            parts.append(chunk)
+    except _CUT:
+        raise IncompleteAnswer(response, sum(map(len, parts))) from None
+    return b"".join(parts)
+
+
 def _tokens(response: httpx.Response) -> Tokens:
     return token_files.parse(response.content, "safetensors", None, max_clips=1 << 20)
 
@@ -106,8 +153,10 @@ class Client:
     def decode(self, tokens: Tokens, frames: tuple[int, int] | None = None, fmt: str = "mp4", fps: float | None = None,
                restore_size: bool = False) -> bytes:
         """Tokens -> an encoded video (mp4 or webm) or .npy bytes; `restore_size`: at the source's
-        size (tokens of a pad or stretch encode)."""
-        return _checked(self.http.post(**_decode_request(tokens, frames, fmt, fps, restore_size))).content
+        size (tokens of a pad or stretch encode). The server streams the video as it decodes it:
+        IncompleteAnswer when it fails after the first bytes."""
+        with self.http.stream("POST", **_decode_request(tokens, frames, fmt, fps, restore_size)) as response:
+            return _streamed_body(response)
 
     def decode_frames(self, tokens: Tokens, frames: tuple[int, int] | None = None) -> np.ndarray:
         """Tokens -> uint8 frames [T, H, W, 3]."""
@@ -171,7 +220,8 @@ class AsyncClient:
 
     async def decode(self, tokens: Tokens, frames: tuple[int, int] | None = None, fmt: str = "mp4", fps: float | None = None,
                      restore_size: bool = False) -> bytes:
-        return _checked(await self.http.post(**_decode_request(tokens, frames, fmt, fps, restore_size))).content
+        async with self.http.stream("POST", **_decode_request(tokens, frames, fmt, fps, restore_size)) as response:
+            return await _astreamed_body(response)
 
     async def decode_frames(self, tokens: Tokens, frames: tuple[int, int] | None = None) -> np.ndarray:
         return np.load(io.BytesIO(await self.decode(tokens, frames, fmt="npy")), allow_pickle=False)

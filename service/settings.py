@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     max_clips: int = Field(64, ge=1, description="clips per encode or decode request")
     max_streams: int = Field(8, ge=1, description="streams (video, audio, subtitles, ...) in an uploaded file")
     max_decode_pixels: int = Field(1 << 28, ge=1, description="frames x height x width of one /v1/decode answer "
-                                   "(restore_size included): 268M, about 800 MB of RGB")
+                                   "(restore_size included): 268M, about 800 MB of RGB; the answer streams, "
+                                   "so a request holds a clip or two of it at a time")
 
     # Generation jobs (POST /v1/generate). The generator: a .safetensors path, empty for the
     # bundled one, or "none"; without one (or when the file is missing) the server runs and

@@ -2,16 +2,16 @@
 
 encode: upload (bounded, spooled to disk) -> media.read_frames off the event loop -> clips of the
 model's frame count (the last padded, its frame count kept) -> engine -> token file.
-decode: token file (bounded, validated) -> engine (only the requested frames) -> mp4 / webm / npy.
+decode: token file (bounded, validated) -> engine, clip by clip (only the requested frames) -> mp4 /
+webm / npy streamed as the clips are written (service/streaming.py).
 A request takes its place in the engine's queue once its body has arrived (a slow body holds none);
 its media work runs under the request's deadline and stops when its client goes away.
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordtok.formats import tokens
 from coordtok.formats import video as media
+from coordtok.formats.video_stream import StreamWriter
 from coordtok.model.clips import ClipLayout, policy_for
 from coordtok.service import uploads
 from coordtok.service.clock import RequestClock, unless_disconnected
@@ -30,6 +31,7 @@ from coordtok.service.routes.deps import RuntimeDep
 from coordtok.service.routes.spec import (BINARY, DECODE_BODY, ENCODE_BODY, JSON, TOKEN_FORMAT, UPLOAD_REFUSALS,
                                           VIDEO_FORMAT, VIDEO_TYPES, answers)
 from coordtok.service.runtime import Runtime
+from coordtok.service.streaming import DecodeStream
 
 router = APIRouter()
 
@@ -169,7 +171,8 @@ async def decode(
     out = format or next((k for k, v in VIDEO_TYPES.items() if v in request.headers.get("accept", "")), "mp4")
     upload = await uploads.read_upload(request)  # before taking a place; bounded by BodyLimitMiddleware
     clock = RequestClock(settings.request_timeout_s)
-    with engine.admit():
+    with ExitStack() as held:  # the place is the answer's once it streams
+        held.enter_context(engine.admit())
         metrics.body_bytes.labels("/v1/decode").observe(len(upload.data))
         fmt = _token_format(upload)
         parsed = await run_in_threadpool(tokens.parse, upload.data, fmt, config, settings.max_clips, runtime.model_id)
@@ -182,20 +185,10 @@ async def decode(
         geometry = _restorable_geometry(parsed.metadata, config, settings.media_limits()) if restore_size else None
         _check_answer_pixels(stop - start, geometry.source if geometry else (config.height, config.width), geometry, runtime)
         metrics.input_frames.labels("/v1/decode").inc(stop - start)
-        began = time.perf_counter()
-        wanted = layout.pieces(start, stop)
-        pieces = await unless_disconnected(request, asyncio.gather(*(
-            engine.decode(parsed.triplane[k], frames) for k, frames, _ in wanted
-        )), metrics, "/v1/decode")
-        metrics.phase.labels("/v1/decode", "inference").observe(time.perf_counter() - began)
-        metrics.tokens.labels("decode").inc(config.tokens * len(pieces))
-        video = torch.cat([piece[0][index] for piece, (_, _, index) in zip(pieces, wanted)]).numpy()
-        if geometry is not None:
-            video = await clock.run(request, metrics, "/v1/decode", media.restore_source_size, video, geometry)
-        began = time.perf_counter()
-        payload = await clock.run(request, metrics, "/v1/decode", media.video_bytes, video, rate, out)
-        metrics.phase.labels("/v1/decode", "media_encode").observe(time.perf_counter() - began)
-    return Response(payload, media_type=VIDEO_TYPES[out])
+        writer = StreamWriter(out, rate, stop - start, geometry.source if geometry else (config.height, config.width))
+        stream = DecodeStream(engine, parsed.triplane, layout.pieces(start, stop), geometry, writer, clock, metrics,
+                              held.pop_all())
+    return await stream.answer(request, VIDEO_TYPES[out])
 
 
 def _check_answer_pixels(frames: int, size: tuple[int, int], geometry, runtime: Runtime) -> None:
@@ -204,7 +197,7 @@ def _check_answer_pixels(frames: int, size: tuple[int, int], geometry, runtime: 
     if frames * height * width > limit:
         raise RequestError(f"the answer would be {frames} frames of {height}x{width}, "
                            f"{frames * height * width:,} pixels, over this server's limit of "
-                           f"{limit:,}: ask for fewer frames (start/end)"
+                           f"{limit:,} (COORDTOK_MAX_DECODE_PIXELS): ask for fewer frames (start/end)"
                            f"{' or without restore_size' if geometry else ''}", 413)
 
 
