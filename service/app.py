@@ -24,10 +24,11 @@ from coordtok.service.runtime import VERSION, Runtime, StartupError
 from coordtok.service.settings import Settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app for `settings` (default: from the environment). Its state: `metrics` (from the
-    start), `runtime` (None until the lifespan has started it) and `startup_error` (why it could
-    not start, which `coordtok serve` prints)."""
+def create_app(settings: Settings | None = None, address: str | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment), served at `address` (host:port,
+    which `coordtok serve` binds before the app starts; None: run in this process). Its state:
+    `metrics` (from the start), `runtime` (None until the lifespan has started it) and
+    `startup_error` (why it could not start, which `coordtok serve` prints)."""
     settings = settings or Settings()
     metrics = Metrics()
     metrics.build.info({"version": VERSION, "torch": torch.__version__})
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            app.state.runtime = await Runtime.start(settings, metrics)
+            app.state.runtime = await Runtime.start(settings, metrics, address)
         except StartupError as error:
             app.state.startup_error = str(error)
             raise

@@ -65,8 +65,9 @@ class Runtime:
     sweeper: asyncio.Future | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
-        """Load, warm up and start everything; StartupError saying why the server cannot start."""
+    async def start(cls, settings: Settings, metrics: Metrics, address: str | None = None) -> Runtime:
+        """Load, warm up and start everything; StartupError saying why the server cannot start.
+        `address` (host:port, None for an app run in this process) is recorded in the jobs dir's lock."""
         for warning in unknown_variables():
             log.warning(warning)
         devices = serving_devices(settings)
@@ -83,26 +84,40 @@ class Runtime:
         engine.start()
         # Only a server with a generator owns the jobs dir: it recovers, runs and sweeps jobs.
         # Without one, jobs can still be listed and downloaded, and generate answers 503.
-        store = jobs.JobStore(settings.jobs_dir, metrics.observe_transition)
+        store = jobs.JobStore(settings.jobs_dir, metrics.observe_transition, database=settings.jobs_db.get_secret_value(),
+                              results_dir=settings.results_dir)
         generator, problem = await run_in_threadpool(
             fitting_generator, settings.generator, settings.model, sha256, config, devices[0])
         runtime = cls(settings, metrics, engine, config, devices, model_id, sha256, model_warning, store, generator, problem)
         if generator is not None:
-            await runtime._start_generation()
+            try:
+                await runtime._start_generation(address)
+            except jobs.JobsDirBusy as error:  # another server's lane holds the jobs dir
+                engine.stop()
+                raise StartupError(str(error)) from None
         else:  # turned off on purpose ("none"): no warning
             log.log(logging.INFO if settings.generator == "none" else logging.WARNING, "generation is off: %s", problem)
         metrics.ready.set(1)
         return runtime
 
-    async def _start_generation(self) -> None:
-        """Requeue the jobs a previous run left running, start the lane and the sweep."""
-        requeued = await run_in_threadpool(self.store.recover)
+    @property
+    def job_models(self) -> jobs.JobModels | None:
+        """The models of the jobs this server makes and runs (None without a generator)."""
+        if self.generator is None:
+            return None
+        return jobs.JobModels(self.model_id, self.sha256, self.generator.model_id, self.generator.sha256)
+
+    async def _start_generation(self, address: str | None) -> None:
+        """Start the lane (which, on SQLite, locks the jobs dir and requeues the jobs a previous
+        run left running) and the sweep."""
         identity = jobs.token_identity(self.config, self.model_id, self.sha256, self.generator.model_id)
         self.lane = jobs.GenerationLane(self.store, self.generator, self.engine, asyncio.get_running_loop(), identity,
-                                        self.settings.generation_concurrency, on_sampled=self.metrics.observe_sampling)
-        self.lane.start()
+                                        self.job_models, self.settings.generation_concurrency, self.settings.job_lease_s,
+                                        on_sampled=self.metrics.observe_sampling)
+        requeued = await run_in_threadpool(self.lane.start, address)
         self.sweeper = asyncio.ensure_future(self._sweep_periodically())
-        log.info("generator loaded", extra={"generator": self.generator.model_id, "requeued_jobs": requeued})
+        log.info("generator loaded", extra={"generator": self.generator.model_id, "requeued_jobs": requeued,
+                                            "jobs": self.store.location})
 
     async def _sweep_periodically(self) -> None:
         while True:

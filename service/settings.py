@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from coordtok.formats.video import MediaLimits
+from coordtok.service.jobs.schema import database_url
 
 
 def default_jobs_dir() -> Path:
@@ -67,7 +68,18 @@ class Settings(BaseSettings):
     # bundled one, or "none"; without one (or when the file is missing) the server runs and
     # generate answers 503. Only a server with a generator runs, recovers and sweeps jobs.
     generator: str = ""
+    # The jobs dir holds the SQLite job database (unless `jobs_db` names PostgreSQL) and, by
+    # default, the results. With SQLite one server runs its jobs: the lane of a server with a
+    # generator locks the jobs dir (`jobs_dir/lane.lock`), and a second server with a generator on
+    # the same jobs dir does not start: it exits with one line naming the server that holds it
+    # (pid, host, address). Servers without a generator list jobs and serve results beside it.
     jobs_dir: Path = Field(default_factory=default_jobs_dir, description="the job database and results")
+    jobs_db: SecretStr = Field(SecretStr(""), description="empty: SQLite in jobs_dir; postgresql://user:password@host/db: "
+                               "one job queue for several servers (each claims jobs its models can run)")
+    results_dir: Path | None = Field(None, description="generated videos (default: jobs_dir/results); with several "
+                                     "servers, a folder they all mount")
+    job_lease_s: float = Field(30.0, ge=1, description="a running job is held under a lease its server renews every "
+                               "third of this; a job whose server died is run by another once it runs out")
     max_videos_per_job: int = Field(16, ge=1)
     max_generation_steps: int = Field(250, ge=1, description="sampling steps per video")
     max_queued_jobs: int = Field(100, ge=1, description="jobs queued or running; more get 503")
@@ -97,6 +109,12 @@ class Settings(BaseSettings):
                 sources.append(DotEnvSettingsSource(settings_cls, env_file=path))
         return tuple(sources)
 
+    @field_validator("jobs_db")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr) -> SecretStr:
+        database_url(value.get_secret_value(), Path("."))  # ValueError saying what to write
+        return value
+
     def media_limits(self) -> MediaLimits:
         return MediaLimits(
             max_width=self.max_width, max_height=self.max_height, max_pixels=self.max_width * self.max_height,
@@ -109,6 +127,7 @@ class Settings(BaseSettings):
 OTHER_VARIABLES = {
     "COORDTOK_SETTINGS_FILE", "COORDTOK_TRIPLANE_BACKEND", "COORDTOK_TRIPLANE_DETERMINISTIC",
     "COORDTOK_HOST", "COORDTOK_PORT", "COORDTOK_MODELS_DIR", "COORDTOK_MODELS_HOST_DIR", "COORDTOK_HTTP_PORT",
+    "COORDTOK_DB_PASSWORD",
     "COORDTOK_PARITY_DIR", "COORDTOK_PLAYGROUND_SCREENSHOT", "COORDTOK_FUZZ_EXAMPLES", "COORDTOK_TRITON_36",
 }
 

@@ -40,9 +40,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model = model_setting(args)
     settings = Settings(**({"model": model} if model else {}), **({"generator": args.generator} if args.generator else {}))
-    listener = listening_socket(args.host, args.port)  # before the models load: a busy port fails at once
+    # Listening before the models load: a busy port fails at once, and nothing of the jobs dir
+    # (its lock, the recovery of interrupted jobs) is touched by a server that cannot serve.
+    listener = listening_socket(args.host, args.port)
     configure_logging(settings.log_format, logging.getLevelNamesMapping()[args.log_level.upper()])
-    app = create_app(settings)
+    app = create_app(settings, address=f"{args.host}:{listener.getsockname()[1]}")
     logging.getLogger("uvicorn.error").addFilter(StartupFailureAtDebug(app))
     # Headers must arrive within COORDTOK_HEADER_TIMEOUT_S (service/protocol.py).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
@@ -59,8 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), for uvicorn to listen on; ValueError saying why when
-    the address cannot be had (a port in use, a host that is not this machine's)."""
+    """A TCP socket listening on (host, port), for uvicorn to serve; ValueError saying why when
+    the address cannot be had (a port in use, a host that is not this machine's). It listens at
+    once: a socket only bound holds no port (another with SO_REUSEADDR could bind it too)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
     try:
@@ -73,6 +76,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except (OverflowError, socket.gaierror) as error:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {error}") from None
+    sock.listen(2048)  # uvicorn's backlog
     return sock
 
 

@@ -18,11 +18,13 @@ from coordtok.service.jobs.request import GenerateRequest, JobRequest
 
 @dataclass
 class Generator:
-    """A loaded SiT generator, the latent statistics it was trained with, and its identity."""
+    """A loaded SiT generator, the latent statistics it was trained with, and its identity (the
+    file's stem and short hash; the whole sha256 of its weights)."""
 
     model: SiT
     stats: LatentStats
     model_id: str
+    sha256: str
 
     @property
     def num_classes(self) -> int:
@@ -73,4 +75,5 @@ def load_generator(spec: str, tokenizer_sha256: str, tokenizer: CoordTokConfig,
     if (c.latent_res_xy, c.latent_res_t, c.latent_channels) != expected:
         return None, (f"{path} generates triplanes of (xy, t, channels) {(c.latent_res_xy, c.latent_res_t, c.latent_channels)}; "
                       f"the tokenizer's are {expected}")
-    return Generator(model, stats, f"{path.stem}@{file_sha256(path)[:12]}"), ""
+    digest = file_sha256(path)
+    return Generator(model, stats, f"{path.stem}@{digest[:12]}", digest), ""

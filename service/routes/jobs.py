@@ -29,27 +29,28 @@ async def generate(body: jobs.GenerateRequest, runtime: RuntimeDep,
         raise RequestError(f"steps is {body.steps}; the limit is {settings.max_generation_steps}")
     runtime.generator.check(body)
     job, created = await run_in_threadpool(runtime.store.create, body, settings.generation_batch_size,
-                                           settings.max_queued_jobs, idempotency_key)
+                                           settings.max_queued_jobs, runtime.job_models, idempotency_key)
     if created:
         runtime.lane.notify()
     headers = {"Location": f"/v1/jobs/{job.id}", **({} if created else {"Idempotent-Replayed": "true"})}
-    return JSONResponse(job.to_json(), 202, headers=headers)
+    return JSONResponse(job.to_json(runtime.job_models), 202, headers=headers)
 
 
 @router.get("/v1/jobs", responses=answers(401, 422))
 async def list_jobs(
-    store: StoreDep,
+    runtime: RuntimeDep,
     limit: int = Query(20, ge=1, le=100),
     cursor: str | None = Query(None, pattern="^[0-9]{1,18}$", description="next_cursor of the previous page"),
     status: str | None = Query(None, pattern="^(" + "|".join(jobs.STATUSES) + ")$"),
 ) -> dict:
-    found, after = await run_in_threadpool(store.list, limit, int(cursor) if cursor else None, status)
-    return {"jobs": [job.to_json() for job in found], "next_cursor": None if after is None else str(after)}
+    found, after = await run_in_threadpool(runtime.store.list, limit, int(cursor) if cursor else None, status)
+    return {"jobs": [job.to_json(runtime.job_models) for job in found], "next_cursor": None if after is None else str(after)}
 
 
 @router.get("/v1/jobs/{job_id}", responses=answers(401, 404, 422))
-async def get_job(job_id: str, store: StoreDep) -> dict:
-    return (await run_in_threadpool(store.require, job_id)).to_json()
+async def get_job(job_id: str, runtime: RuntimeDep) -> dict:
+    """A queued job that this server's models do not run says what it waits for (`waiting_for`)."""
+    return (await run_in_threadpool(runtime.store.require, job_id)).to_json(runtime.job_models)
 
 
 @router.get("/v1/jobs/{job_id}/results/{k}", response_class=Response,
@@ -72,14 +73,11 @@ async def get_result(job_id: str, k: int, store: StoreDep) -> FileResponse:
 
 @router.delete("/v1/jobs/{job_id}", responses=answers(401, 404, 422, ok={200: JSON, 202: JSON, 204: None}))
 async def delete_job(job_id: str, runtime: RuntimeDep) -> Response:
-    """Queued: cancelled at once (200). Running: stops at its next sampling step (202).
-    Finished: the job and its results are deleted (204)."""
+    """Queued: cancelled at once (200). Running: stops at its next sampling step (202), on
+    whichever server runs it. Finished: the job and its results are deleted (204)."""
     job = await run_in_threadpool(runtime.store.require, job_id)
     if job.status in jobs.FINISHED:
         await run_in_threadpool(runtime.store.delete, job_id)
         return Response(status_code=204)
     job = await run_in_threadpool(runtime.store.cancel, job_id)
-    if job.status == "running" and runtime.lane is not None:
-        runtime.lane.cancel(job_id)
-        return JSONResponse(job.to_json(), 202)
-    return JSONResponse(job.to_json(), 200)
+    return JSONResponse(job.to_json(runtime.job_models), 202 if job.status == "running" else 200)

@@ -13,7 +13,7 @@ from coordtok.model import CoordTok, LatentStats, SiT, generate_triplanes, save_
 from coordtok.model.checkpoint import file_sha256
 from coordtok.service.app import create_app
 from coordtok.service.cli import main
-from coordtok.service.jobs import GenerateRequest, JobStore
+from coordtok.service.jobs import GenerateRequest, JobModels, JobStore
 from coordtok.formats.video import MediaLimits, read_frames, write_video
 from coordtok.service.settings import Settings
 from coordtok.formats.tokens import parse
@@ -266,11 +266,12 @@ def test_stopping_the_server_requeues_the_running_job_and_a_restart_finishes_it(
 
 def test_the_sweep_removes_finished_jobs_past_the_retention(tmp_path):
     store = JobStore(tmp_path)
-    old, _ = store.create(GenerateRequest(num_videos=1, format="tokens"), batch_size=1, max_active=10)
-    assert store.claim().id == old.id
+    models = JobModels("tokenizer@1", "1" * 64, "generator@2", "2" * 64)
+    old, _ = store.create(GenerateRequest(num_videos=1, format="tokens"), batch_size=1, max_active=10, models=models)
+    assert store.claim("lane", models, lease_s=30).id == old.id
     store.write_result(old, 0, b"result")
-    store.finish(old.id, "succeeded")
-    recent, _ = store.create(GenerateRequest(num_videos=1), batch_size=1, max_active=10)
+    store.finish(old.id, "lane", "succeeded")
+    recent, _ = store.create(GenerateRequest(num_videos=1), batch_size=1, max_active=10, models=models)
     assert store.sweep(older_than_s=3600) == 0
     time.sleep(0.01)
     assert store.sweep(older_than_s=0.001) == 1

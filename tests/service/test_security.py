@@ -15,7 +15,7 @@ from starlette.routing import Mount
 from coordtok.service import middleware
 from coordtok.service import uploads as uploads_module
 from coordtok.service.app import create_app
-from coordtok.service.jobs import GenerateRequest, JobStore
+from coordtok.service.jobs import GenerateRequest, JobModels, JobStore
 from tests.service.test_app import video_file
 from tests.service.test_faults import settings
 from tests.service.test_jobs import wait
@@ -242,7 +242,8 @@ def test_temporary_uploads_are_always_removed(models, tmp_path, monkeypatch):
 
 def test_job_ids_are_random_uuid4(tmp_path):
     store = JobStore(tmp_path)
-    ids = [store.create(GenerateRequest(), 1, 100)[0].id for _ in range(20)]
+    models = JobModels("tokenizer@1", "1" * 64, "generator@2", "2" * 64)
+    ids = [store.create(GenerateRequest(), 1, 100, models)[0].id for _ in range(20)]
     store.close()
     assert len(set(ids)) == 20
     for job_id in ids:
