@@ -82,6 +82,7 @@ class ObserveMiddleware:
         request_id = headers.get("x-request-id", "")
         if not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id  # for what logs once its answer has started
         status = 500
 
         async def send_with_id(message) -> None:

@@ -191,8 +191,8 @@ class StreamedAnswer(StreamingResponse):
         except Exception as error:
             reason = type(error).__name__
             self.stream.metrics.failures.labels(ROUTE, reason).inc()
-            log.error("decode answer cut", extra={"route": ROUTE, "bytes_sent": self.stream.sent,
-                                                  "error": f"{reason}: {error}"})
+            log.error("decode answer cut", extra={"request_id": scope.get("state", {}).get("request_id"), "route": ROUTE,
+                                                  "bytes_sent": self.stream.sent, "error": f"{reason}: {error}"})
             raise AnswerCut(f"the answer was cut after {self.stream.sent} bytes: {reason}: {error}") from error
         finally:
             await self.stream.close()

@@ -144,7 +144,7 @@ def test_encoding_past_the_deadline_before_the_first_byte_answers_504(weights, m
     assert seconds < 2.0, seconds  # stopped at the deadline's frame, not after the 64 frames (3.2 s)
 
 
-def test_encoding_past_the_deadline_after_the_first_byte_cuts_the_answer(weights, monkeypatch):
+def test_encoding_past_the_deadline_after_the_first_byte_cuts_the_answer(weights, monkeypatch, caplog):
     """npy: the first clip leaves at once; the deadline passes three clips later. Over HTTP the
     connection closes before the body's declared end (httpx: RemoteProtocolError; the Python
     client: IncompleteAnswer); in-process the error itself reaches the caller."""
@@ -160,6 +160,8 @@ def test_encoding_past_the_deadline_after_the_first_byte_cuts_the_answer(weights
                     for chunk in answer.iter_bytes():
                         received.append(chunk)
             assert 0 < sum(map(len, received)) < int(answer.headers["content-length"])
+            (cut,) = [record for record in caplog.records if record.getMessage() == "decode answer cut"]
+            assert cut.request_id == answer.headers["x-request-id"] and cut.bytes_sent == sum(map(len, received))
             scrape = http.get("/metrics").text
         with Client(url) as client, pytest.raises(IncompleteAnswer, match="cut its answer after [1-9][0-9]* bytes"):
             client.decode(parse(body, "safetensors", None, max_clips=CLIPS), fmt="npy")
