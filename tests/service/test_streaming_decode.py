@@ -1,6 +1,7 @@
 """/v1/decode streams its answer: a 32-clip decode holds a clip or two, never the video, and its first
 bytes arrive early; the deadline covers the media work; an error after the first byte cuts the
 answer so that clients notice (service/streaming.py)."""
+import asyncio
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ from coordtok.formats.video import MediaLimits, plan_geometry, read_frames, rest
 from coordtok.formats.video_stream import StreamWriter
 from coordtok.model import Triplane
 from coordtok.service.app import create_app
-from coordtok.service.client import Client, IncompleteAnswer
+from coordtok.service.client import AsyncClient, Client, IncompleteAnswer
 from coordtok.service.streaming import AnswerCut
 from tests.service.server_process import free_port
 from tests.service.test_app import settings, weights  # noqa: F401 (the fixture)
@@ -163,8 +164,16 @@ def test_encoding_past_the_deadline_after_the_first_byte_cuts_the_answer(weights
             (cut,) = [record for record in caplog.records if record.getMessage() == "decode answer cut"]
             assert cut.request_id == answer.headers["x-request-id"] and cut.bytes_sent == sum(map(len, received))
             scrape = http.get("/metrics").text
+        tokens = parse(body, "safetensors", None, max_clips=CLIPS)
         with Client(url) as client, pytest.raises(IncompleteAnswer, match="cut its answer after [1-9][0-9]* bytes"):
-            client.decode(parse(body, "safetensors", None, max_clips=CLIPS), fmt="npy")
+            client.decode(tokens, fmt="npy")
+
+        async def decode_async() -> bytes:
+            async with AsyncClient(url) as client:
+                return await client.decode(tokens, fmt="npy")
+
+        with pytest.raises(IncompleteAnswer, match="cut its answer after [1-9][0-9]* bytes"):
+            asyncio.run(decode_async())
         assert app.state.runtime.engine.in_system == 0  # the places are given back
     assert 'coordtok_request_failures_total{reason="DeadlineExceeded",route="/v1/decode"}' in scrape
     with TestClient(create_app(settings(weights, request_timeout_s=1.5))) as client, \
