@@ -35,6 +35,14 @@ class RequestClock:
         work = run_in_threadpool(function, *args, check_stop=self.check, **kwargs)
         return await unless_disconnected(request, work, metrics, route, on_gone=self.mark_gone)
 
+    async def within(self, awaitable):
+        """Await `awaitable` (engine work, a send) until the deadline: past it, it is cancelled
+        and DeadlineExceeded raised."""
+        try:
+            return await asyncio.wait_for(awaitable, max(self.deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g} s") from None
+
     def mark_gone(self) -> None:
         self.gone = True
 

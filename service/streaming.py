@@ -34,7 +34,7 @@ from starlette.responses import StreamingResponse
 from coordtok.formats.video import Geometry, restored_frames
 from coordtok.formats.video_stream import StreamWriter
 from coordtok.model import Triplane
-from coordtok.service.engine import DeadlineExceeded, Engine
+from coordtok.service.engine import Engine
 from coordtok.service.clock import RequestClock, unless_disconnected
 from coordtok.service.engine.work import decode_cost
 from coordtok.service.metrics import Metrics
@@ -47,14 +47,6 @@ Piece = tuple[int, tuple[int, int], torch.Tensor]
 
 class AnswerCut(Exception):
     """The answer failed after its first bytes were sent: the connection is closed unfinished."""
-
-
-async def in_time(clock: RequestClock, awaitable):
-    """Await `awaitable` until the request's deadline: past it, it is cancelled and DeadlineExceeded raised."""
-    try:
-        return await asyncio.wait_for(awaitable, max(clock.deadline - time.monotonic(), 0.0))
-    except TimeoutError:
-        raise DeadlineExceeded(f"the request did not finish within {clock.timeout_s:g} s") from None
 
 
 def clips_per_window(engine: Engine) -> int:
@@ -155,7 +147,7 @@ class DecodeStream:
         """The decoded clip, within the request's deadline."""
         began = time.perf_counter()
         try:
-            return await in_time(self.clock, decoding)
+            return await self.clock.within(decoding)
         finally:
             self._decoding.discard(decoding)
             self.seconds["inference"] += time.perf_counter() - began
@@ -181,7 +173,7 @@ class StreamedAnswer(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         async def send_in_time(message) -> None:  # a client that stops reading is cut at the deadline
-            await in_time(self.stream.clock, send(message))
+            await self.stream.clock.within(send(message))
 
         try:
             await super().__call__(scope, receive, send_in_time)

@@ -95,8 +95,8 @@ async def encode(request: Request, runtime: RuntimeDep, reading: Reading,
         clips = layout.cut(torch.from_numpy(frames))
         metrics.input_frames.labels("/v1/encode").inc(len(frames))
         began = time.perf_counter()
-        triplane = await unless_disconnected(request, runtime.engine.encode(clips, layout.model_n_frames()), metrics,
-                                             "/v1/encode")
+        encoding = clock.within(runtime.engine.encode(clips, layout.model_n_frames()))  # one deadline for the request
+        triplane = await unless_disconnected(request, encoding, metrics, "/v1/encode")
         metrics.phase.labels("/v1/encode", "inference").observe(time.perf_counter() - began)
         metrics.tokens.labels("encode").inc(config.tokens * len(clips))
         meta = _token_metadata(runtime, layout, info, reading, geometry)

@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from coordtok.model import CoordTok, save_model
 from coordtok.service.app import create_app
+from coordtok.service.routes import tokens as routes_tokens
 from coordtok.formats.video import MediaLimits, read_frames, write_video
 from coordtok.service.settings import Settings
 from tests.service.test_engine import CONFIG
@@ -320,3 +321,24 @@ def test_a_request_past_its_deadline_answers_504(weights):
     with TestClient(create_app(settings(weights, request_timeout_s=0.5, batch_wait_ms=2000))) as c:
         response = c.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"})
     assert response.status_code == 504 and "0.5 s" in response.json()["error"]["message"]
+
+
+def test_an_encode_has_one_deadline_for_its_media_work_and_its_engine_wait(weights, monkeypatch):
+    """Reading the upload takes most of the deadline; the engine gets what is left, not a deadline
+    of its own (then 0.8 s of media work + 0.6 s of encoding would pass a 1 s deadline)."""
+    read = routes_tokens.media.read_frames
+    encode = CoordTok.encode
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.8)
+        return read(*args, **kwargs)
+
+    def slow_encode(self, *args, **kwargs):
+        time.sleep(0.6)
+        return encode(self, *args, **kwargs)
+
+    with TestClient(create_app(settings(weights, request_timeout_s=1.0))) as c:
+        monkeypatch.setattr(routes_tokens.media, "read_frames", slow_read)
+        monkeypatch.setattr(CoordTok, "encode", slow_encode)
+        response = c.post("/v1/encode", content=video_file(8), headers={"content-type": "video/mp4"})
+    assert response.status_code == 504 and "within 1 s" in response.json()["error"]["message"]
