@@ -41,13 +41,7 @@ OPTIONS = EncodeOptions(shard_size=2, batch=3, workers=0, progress=False)
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the subprocesses run (OMP_NUM_THREADS=1), so that all runs compute alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/trainer/conftest.py
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int, codec: str) -> None:

@@ -31,13 +31,7 @@ TOKENIZER = CoordTokConfig(
 SMALL_SIT = {"dim": 64, "depth": 2, "heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one torch thread runs them fastest, and unslowed on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/trainer/conftest.py
 
 
 @pytest.fixture(scope="module")
