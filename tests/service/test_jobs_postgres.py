@@ -62,8 +62,9 @@ def deployment(models, cluster, tmp_path_factory):
 def running_on(engine, server: Server) -> list[tuple[str, int]]:
     """(id, videos_done) of the jobs `server` runs, from the database (its lane's leases name its pid)."""
     with engine.connect() as db:
-        return list(db.execute(text("SELECT id, videos_done FROM jobs WHERE status = 'running' AND lease_owner LIKE :pid"),
-                               {"pid": f"%:{server.process.pid}:%"}).tuples())
+        rows = db.execute(text("SELECT id, videos_done FROM jobs WHERE status = 'running' AND lease_owner LIKE :pid"),
+                          {"pid": f"%:{server.process.pid}:%"})
+        return [(job_id, done) for job_id, done in rows]
 
 
 def test_concurrent_submits_with_one_idempotency_key_to_two_servers_make_one_job(deployment):
