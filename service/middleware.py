@@ -93,16 +93,18 @@ class ObserveMiddleware:
             await send(message)
 
         open_route = route in _OPEN_ROUTES or route.startswith(_OPEN_PREFIX)
-        if self.keys and not open_route and not _authorised(headers.get("authorization", ""), self.keys):
-            unauthorized = error_response("Unauthorized", "send a valid API key as 'Authorization: Bearer KEY'", 401,
-                                          {"WWW-Authenticate": "Bearer"})
-            await unauthorized(scope, receive, send_with_id)
-        else:
-            await self.app(scope, receive, send_with_id)
-        seconds = time.perf_counter() - started
-        self.count(scope, status, seconds)
-        log.info("request", extra={"request_id": request_id, "method": scope["method"], "route": route,
-                                   "status": status, "seconds": round(seconds, 4)})
+        try:
+            if self.keys and not open_route and not _authorised(headers.get("authorization", ""), self.keys):
+                unauthorized = error_response("Unauthorized", "send a valid API key as 'Authorization: Bearer KEY'", 401,
+                                              {"WWW-Authenticate": "Bearer"})
+                await unauthorized(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:  # an answer cut after its start (service/streaming.py) is counted and logged too
+            seconds = time.perf_counter() - started
+            self.count(scope, status, seconds)
+            log.info("request", extra={"request_id": request_id, "method": scope["method"], "route": route,
+                                       "status": status, "seconds": round(seconds, 4)})
 
     def count(self, scope, status: int, seconds: float) -> None:
         """Count an answered API request. Labelled by route template (/v1/jobs/{job_id}: one label

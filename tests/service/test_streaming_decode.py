@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import threading
 import time
 import tracemalloc
@@ -150,6 +151,7 @@ def test_encoding_past_the_deadline_after_the_first_byte_cuts_the_answer(weights
     connection closes before the body's declared end (httpx: RemoteProtocolError; the Python
     client: IncompleteAnswer); in-process the error itself reaches the caller."""
     slowed_writer(monkeypatch, 0.05)
+    caplog.set_level(logging.INFO, logger="coordtok.service")
     body = stretched_tokens(8)
     app = create_app(settings(weights, request_timeout_s=1.5))
     with real_server(app) as url:
@@ -163,6 +165,12 @@ def test_encoding_past_the_deadline_after_the_first_byte_cuts_the_answer(weights
             assert 0 < sum(map(len, received)) < int(answer.headers["content-length"])
             (cut,) = [record for record in caplog.records if record.getMessage() == "decode answer cut"]
             assert cut.request_id == answer.headers["x-request-id"] and cut.bytes_sent == sum(map(len, received))
+            logged, waited = [], time.monotonic() + 10  # the request's own line too, once the server has closed
+            while not logged and time.monotonic() < waited:
+                logged = [record for record in caplog.records if record.getMessage() == "request"
+                          and getattr(record, "request_id", None) == cut.request_id]
+                time.sleep(0.05)
+            assert [(record.status, record.route) for record in logged] == [(200, "/v1/decode")]
             scrape = http.get("/metrics").text
         tokens = parse(body, "safetensors", None, max_clips=CLIPS)
         with Client(url) as client, pytest.raises(IncompleteAnswer, match="cut its answer after [1-9][0-9]* bytes"):
