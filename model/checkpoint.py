@@ -65,7 +65,10 @@ def _write(model: nn.Module, path: str | Path, header: dict[str, str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.open("wb").close()  # created as any new file is (the umask), to give save_file's file that mode
+    mode = tmp.stat().st_mode & 0o777
     save_file(tensors, str(tmp), metadata=header)
+    tmp.chmod(mode)  # save_file makes its files 0600: unreadable to a server running as another user
     tmp.replace(path)
 
 

@@ -1,10 +1,11 @@
 """CoordTok network behaviour: shapes, presets, padding, slicing policy, layout."""
+import os
 from dataclasses import replace
 
 import pytest
 import torch
 
-from coordtok.model import CoordTok, CoordTokConfig, PRESETS, Triplane, preset
+from coordtok.model import CoordTok, CoordTokConfig, PRESETS, Triplane, load_model, preset, save_model
 from coordtok.model.triplane import frame_coords, patch_counts, patch_indices, patches_to_video, video_to_patches
 
 SMALL = CoordTokConfig(
@@ -186,3 +187,18 @@ def test_uint8_round_trip_and_triplane_split():
     tri = Triplane(torch.randn(5, 4, 4, 2), torch.randn(5, 8, 4, 2), torch.randn(5, 8, 4, 2))
     parts = tri.split([2, 3])
     assert [p.batch_size for p in parts] == [2, 3] and torch.equal(parts[1].xt, tri.xt[2:])
+
+
+def test_saved_weights_are_readable_as_any_new_file_is(tmp_path):
+    """safetensors writes its files 0600; an exported model must be readable by a server running as
+    another user (a container's), so it gets the mode the umask gives new files."""
+    old = os.umask(0o022)
+    try:
+        save_model(CoordTok(SMALL), tmp_path / "m.safetensors")
+        os.umask(0o077)
+        save_model(CoordTok(SMALL), tmp_path / "private.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.safetensors").stat().st_mode & 0o777 == 0o600
+    assert load_model(tmp_path / "m.safetensors", device="cpu").config == SMALL
