@@ -191,24 +191,36 @@ class TrainLoop:
 
 
 def main(trainer_cls, config_cls, argv: list[str] | None) -> int:
-    """Parse the command line, set up the process group, resume if asked, and run."""
+    """Parse the command line, set up the process group, resume if asked, and run. What the set-up
+    refuses (a missing folder or checkpoint, data that does not fit the config) is one line on
+    stderr and exit status 2; an error while training keeps its traceback."""
     config, resume = config_cls.from_cli(argv)
     if config.threads:
         torch.set_num_threads(config.threads)
     dist = distributed.setup()
     try:
-        trainer = trainer_cls(config, dist)
-        if resume:
-            path = latest_checkpoint(config.run_dir)
-            if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {config.run_dir}/checkpoints")
-            trainer.restore(load_checkpoint(path, dist.device))
-            if dist.is_main:
-                print(f"resumed from {path} at step {trainer.step}", file=sys.stderr)
+        try:
+            trainer = _set_up(trainer_cls, config, dist, resume)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         trainer.run()
     finally:
         distributed.teardown(dist)
     return 0
+
+
+def _set_up(trainer_cls, config, dist, resume: bool):
+    """The trainer for `config`, restored from the run folder's last checkpoint when `resume`."""
+    trainer = trainer_cls(config, dist)
+    if resume:
+        path = latest_checkpoint(config.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {config.run_dir}/checkpoints")
+        trainer.restore(load_checkpoint(path, dist.device))
+        if dist.is_main:
+            print(f"resumed from {path} at step {trainer.step}", file=sys.stderr)
+    return trainer
 
 
 def _metrics_log(path: Path, step: int):

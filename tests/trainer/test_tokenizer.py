@@ -151,3 +151,11 @@ def test_worker_processes_give_the_same_batches_across_epochs(videos, tmp_path):
     for _ in range(5):  # 3 batches per epoch: crosses into epoch 1
         (video_a, n_a), (video_b, n_b) = next(in_process), next(with_workers)
         assert torch.equal(video_a, video_b) and torch.equal(n_a, n_b)
+
+
+def test_what_the_set_up_refuses_is_one_line_and_exit_status_2(tmp_path, capsys):
+    assert main(["--videos", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: video folder not found: {tmp_path / 'missing'}\n"
+    (tmp_path / "empty").mkdir()
+    assert main(["--videos", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
