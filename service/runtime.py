@@ -63,13 +63,30 @@ class Runtime:
     generator_problem: str  # why there is no generator ('' when there is one)
     lane: jobs.GenerationLane | None = None
     sweeper: asyncio.Future | None = None
+    jobs_lock: jobs.JobsDirLock | None = None  # SQLite with a generator: this server's lane owns the jobs dir
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics, address: str | None = None) -> Runtime:
         """Load, warm up and start everything; StartupError saying why the server cannot start.
-        `address` (host:port, None for an app run in this process) is recorded in the jobs dir's lock."""
+        `address` (host:port, None for an app run in this process) is recorded in the jobs dir's lock,
+        which is taken first: a second server on a held jobs dir refuses before it loads anything."""
         for warning in unknown_variables():
             log.warning(warning)
+        store = jobs.JobStore(settings.jobs_dir, metrics.observe_transition, database=settings.jobs_db.get_secret_value(),
+                              results_dir=settings.results_dir)
+        jobs_lock = _lock_jobs_dir(store, settings, address)
+        try:
+            runtime = await cls._load(settings, metrics, store, jobs_lock)
+        except BaseException:
+            if jobs_lock is not None:
+                jobs_lock.release()
+            raise
+        metrics.ready.set(1)
+        return runtime
+
+    @classmethod
+    async def _load(cls, settings: Settings, metrics: Metrics, store: jobs.JobStore,
+                    jobs_lock: jobs.JobsDirLock | None) -> Runtime:
         devices = serving_devices(settings)
         models = await _load_models(settings, devices, metrics)
         model_id, sha256 = model_identity(settings.model)
@@ -84,20 +101,16 @@ class Runtime:
         engine.start()
         # Only a server with a generator owns the jobs dir: it recovers, runs and sweeps jobs.
         # Without one, jobs can still be listed and downloaded, and generate answers 503.
-        store = jobs.JobStore(settings.jobs_dir, metrics.observe_transition, database=settings.jobs_db.get_secret_value(),
-                              results_dir=settings.results_dir)
         generator, problem = await run_in_threadpool(
             fitting_generator, settings.generator, settings.model, sha256, config, devices[0])
         runtime = cls(settings, metrics, engine, config, devices, model_id, sha256, model_warning, store, generator, problem)
         if generator is not None:
-            try:
-                await runtime._start_generation(address)
-            except jobs.JobsDirBusy as error:  # another server's lane holds the jobs dir
-                engine.stop()
-                raise StartupError(str(error)) from None
+            runtime.jobs_lock = jobs_lock
+            await runtime._start_generation()
         else:  # turned off on purpose ("none"): no warning
+            if jobs_lock is not None:  # the generator did not load: nothing here runs jobs
+                jobs_lock.release()
             log.log(logging.INFO if settings.generator == "none" else logging.WARNING, "generation is off: %s", problem)
-        metrics.ready.set(1)
         return runtime
 
     @property
@@ -107,14 +120,14 @@ class Runtime:
             return None
         return jobs.JobModels(self.model_id, self.sha256, self.generator.model_id, self.generator.sha256)
 
-    async def _start_generation(self, address: str | None) -> None:
-        """Start the lane (which, on SQLite, locks the jobs dir and requeues the jobs a previous
-        run left running) and the sweep."""
+    async def _start_generation(self) -> None:
+        """Start the lane (which, on SQLite, requeues the jobs a previous run left running in the
+        jobs dir this server has locked) and the sweep."""
         identity = jobs.token_identity(self.config, self.model_id, self.sha256, self.generator.model_id)
         self.lane = jobs.GenerationLane(self.store, self.generator, self.engine, asyncio.get_running_loop(), identity,
                                         self.job_models, self.settings.generation_concurrency, self.settings.job_lease_s,
                                         on_sampled=self.metrics.observe_sampling)
-        requeued = await run_in_threadpool(self.lane.start, address)
+        requeued = await run_in_threadpool(self.lane.start)
         self.sweeper = asyncio.ensure_future(self._sweep_periodically())
         log.info("generator loaded", extra={"generator": self.generator.model_id, "requeued_jobs": requeued,
                                             "jobs": self.store.location})
@@ -131,13 +144,26 @@ class Runtime:
         self.metrics.ready.set(0)
         self.engine.stopping.set()  # the one stop signal: no new work; the lane's running job goes back to the queue
         if self.lane is not None:
-            await run_in_threadpool(self.lane.join, self.settings.drain_timeout_s)
+            ended = await run_in_threadpool(self.lane.join, self.settings.drain_timeout_s)
             self.sweeper.cancel()
+            if ended and self.jobs_lock is not None:  # a job still running keeps it until the process ends
+                self.jobs_lock.release()
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self.engine.in_system and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.engine.stop()
         self.store.close()
+
+
+def _lock_jobs_dir(store: jobs.JobStore, settings: Settings, address: str | None) -> jobs.JobsDirLock | None:
+    """The jobs dir's lock for a server that will run jobs from it (SQLite, generation not
+    turned off), taken before the models load; StartupError naming the server that holds it."""
+    if not store.single_server or settings.generator == "none":
+        return None
+    try:
+        return jobs.JobsDirLock.take(store.root, address)
+    except jobs.JobsDirBusy as error:
+        raise StartupError(str(error)) from None
 
 
 async def _load_models(settings: Settings, devices: list[str], metrics: Metrics) -> dict[str, CoordTok]:

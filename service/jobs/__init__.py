@@ -13,12 +13,12 @@ from coordtok.service.jobs.generator import Generator, load_generator
 from coordtok.service.jobs.job import (FINISHED, STATUSES, GeneratorUnavailable, Job, JobConflict, JobError,
                                        JobModels, JobNotFound, TooManyJobs)
 from coordtok.service.jobs.lane import GenerationLane, JobQueue, token_identity
-from coordtok.service.jobs.ownership import JobsDirBusy
+from coordtok.service.jobs.ownership import JobsDirBusy, JobsDirLock
 from coordtok.service.jobs.request import RESULT_TYPES, GenerateRequest, JobRequest
 from coordtok.service.jobs.store import JobStore
 
 __all__ = [
     "FINISHED", "RESULT_TYPES", "SAMPLERS", "STATUSES", "GenerateRequest", "GenerationLane", "Generator",
     "GeneratorUnavailable", "Job", "JobConflict", "JobError", "JobModels", "JobNotFound", "JobQueue", "JobRequest",
-    "JobStore", "JobsDirBusy", "TooManyJobs", "load_generator", "token_identity",
+    "JobStore", "JobsDirBusy", "JobsDirLock", "TooManyJobs", "load_generator", "token_identity",
 ]

@@ -8,9 +8,9 @@ third of `lease_s`; a job whose lease was lost (another server claimed it once i
 to that server unchanged. Between sampling steps the lane asks the store, at most every `poll_s`,
 whether a cancel was requested (on whichever server the request came in).
 
-Start: on SQLite the lane first takes the jobs dir's lock (ownership.py), then requeues the jobs a
-previous server left running; on PostgreSQL a job left running is claimed again once its lease
-runs out.
+Start: on SQLite, under the jobs dir's lock its server took before loading its models
+(ownership.py, service/runtime.py), the lane requeues the jobs a previous server left running; on
+PostgreSQL a job left running is claimed again once its lease runs out.
 
 Restart: videos already written are kept and only the missing ones are generated. That gives the
 same files as an uninterrupted run because video k depends only on (seed, k) and the lane always
@@ -50,7 +50,6 @@ from coordtok.model.transport import SamplingCancelled
 from coordtok.service.engine import Engine, NotReady, QueueFull
 from coordtok.service.jobs.generator import Generator
 from coordtok.service.jobs.job import Job, JobModels
-from coordtok.service.jobs.ownership import JobsDirLock
 from coordtok.service.jobs.request import JobRequest
 
 log = logging.getLogger("coordtok.jobs")
@@ -148,16 +147,11 @@ class GenerationLane:
         self._threads: list[threading.Thread] = []
         self._keeper: threading.Thread | None = None
         self._ended = threading.Event()  # the job threads have ended (the keeper ends with them)
-        self._lock: JobsDirLock | None = None
 
-    def start(self, address: str | None = None) -> int:
+    def start(self) -> int:
         """Take the queue and start the threads; how many jobs that a previous server left
-        running went back to the queue. On SQLite the jobs dir's lock is taken first, recording
-        this server's `address` (JobsDirBusy, naming the holder, when another server has it)."""
-        requeued = 0
-        if self.store.single_server:
-            self._lock = JobsDirLock.take(self.store.root, address)
-            requeued = self.store.recover()
+        running went back to the queue (SQLite, whose jobs dir this server has locked)."""
+        requeued = self.store.recover() if self.store.single_server else 0
         for i in range(self.concurrency):
             self._threads.append(threading.Thread(target=self._loop, name=f"coordtok-generate-{i}", daemon=True))
         self._keeper = threading.Thread(target=self._keep_leases, name="coordtok-leases", daemon=True)
@@ -170,21 +164,20 @@ class GenerationLane:
         with self._queued:
             self._queued.notify()
 
-    def join(self, timeout_s: float = 60.0) -> None:
+    def join(self, timeout_s: float = 60.0) -> bool:
         """Wait, up to `timeout_s`, for the threads to end once `stopping` is set: running jobs
-        stop at their next step and go back to the queue. The jobs dir is unlocked once they have."""
+        stop at their next step and go back to the queue. Whether they all ended."""
         with self._queued:
             self._queued.notify_all()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in self._threads):
-            return  # a job still runs: the lock stays until this process ends
+            return False
         self._ended.set()
         if self._keeper is not None:
             self._keeper.join()
-        if self._lock is not None:
-            self._lock.release()
+        return True
 
     def _loop(self) -> None:
         while not self.stopping.is_set():

@@ -1,8 +1,9 @@
 """One server's lane per jobs dir (SQLite): an exclusive lock on `jobs_dir/lane.lock`.
 
-The lane of a server takes the lock (`fcntl.flock`, which the kernel releases when the process
-ends, however it ends) before it recovers or runs any job, and writes into the file who holds it:
-pid, host and the address it serves. A second server with a generator on a held jobs dir does not
+A server that will run jobs from the dir takes the lock (`fcntl.flock`, which the kernel releases
+when the process ends, however it ends) before it loads its models (service/runtime.py), so before
+its lane recovers or runs any job, and writes into the file who holds it: pid, host and the
+address it serves. A second server with a generator on a held jobs dir does not
 start: `JobsDirBusy` says which server holds it and what to do instead. flock holds between the
 processes of one machine; servers on several machines share a queue through PostgreSQL instead.
 """

@@ -72,6 +72,7 @@ def test_a_second_server_on_a_busy_port_or_a_held_jobs_dir_changes_no_job_of_the
         assert refusal.startswith(f"coordtok: error: the jobs dir {jobs_dir} is held by the coordtok server with pid "
                                   f"{first.pid} on ") and f"serving 127.0.0.1:{port} since " in refusal, refusal
         assert "COORDTOK_JOBS_DB=postgresql://" in refusal
+        assert "warmed up" not in other_port.stderr  # refused before it loaded its models
         assert set(seen) == {("running", 1)}, "the first server's job was touched"  # never requeued, never attempt 2
         assert httpx.get(f"{url}/v1/jobs/{job['id']}").json()["progress"]["step"] > 0
         httpx.delete(f"{url}/v1/jobs/{job['id']}")
