@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -39,8 +40,8 @@ def decode_cost(config: CoordTokConfig, frames: tuple[int, int]) -> int:
 
 
 @dataclass(eq=False)
-class Work:
-    """A piece of one request. `submit` binds it to the request's event loop and deadline; the
+class Work(ABC):
+    """A piece of one request (EncodeWork or DecodeWork). `submit` binds it to the request's event loop and deadline; the
     worker settles its future with `finish`."""
 
     kind: ClassVar[str]  # "encode" or "decode": the metrics' label
@@ -49,8 +50,9 @@ class Work:
     future: asyncio.Future = field(init=False)
 
     @property
+    @abstractmethod
     def cost(self) -> int:
-        raise NotImplementedError
+        """The frames of work the piece holds (module docstring)."""
 
     @property
     def batch_key(self) -> tuple:
@@ -58,9 +60,9 @@ class Work:
         return (self.kind,)
 
     @classmethod
+    @abstractmethod
     def run_batch(cls, batch: list[Work], replica: Replica) -> list:
         """Run `batch` (pieces of this kind, with one batch key) as one forward pass on `replica`."""
-        raise NotImplementedError
 
     def submit(self, loop: asyncio.AbstractEventLoop, deadline: float) -> asyncio.Future:
         """Bind the piece to the request awaiting it on `loop`; returns the future it settles."""
