@@ -49,12 +49,6 @@ class AnswerCut(Exception):
     """The answer failed after its first bytes were sent: the connection is closed unfinished."""
 
 
-def clips_per_window(engine: Engine) -> int:
-    """Clips decoded together: as many whole clips as one engine batch holds, one at least."""
-    config = engine.model_config
-    return max(1, engine.batch_max_frames // decode_cost(config, (0, config.frames)))
-
-
 class DecodeStream:
     """The answer to one decode: `pieces` of `triplane`'s clips, restored with `geometry` (None:
     at the model's size), as a file of format `fmt` at `fps`. It owns `held` (the request's place in
@@ -64,7 +58,8 @@ class DecodeStream:
                  writer: StreamWriter, clock: RequestClock, metrics: Metrics, held: ExitStack) -> None:
         self.engine, self.triplane, self.pieces, self.geometry = engine, triplane, pieces, geometry
         self.writer, self.clock, self.metrics, self.held = writer, clock, metrics, held
-        self.window = clips_per_window(engine)
+        config = engine.model_config  # a window: the whole clips one engine batch decodes
+        self.window = engine.clips_per_batch(decode_cost(config, (0, config.frames)))
         self.sent = 0  # bytes handed to the server
         self.finished = False  # the last bytes are made
         self.seconds = {"inference": 0.0, "media_encode": 0.0}  # waiting on the engine; media work

@@ -98,19 +98,19 @@ class Engine:
 
     async def encode(self, clips: torch.Tensor, n_frames: torch.Tensor) -> Triplane:
         """clips uint8 [K, T, H, W, 3], n_frames [K] -> Triplane of K clips (CPU, float32)."""
-        k = self._clips_per_piece(clips.shape[1])
+        k = self.clips_per_batch(clips.shape[1])
         pieces = [EncodeWork(clips[i:i + k], n_frames[i:i + k]) for i in range(0, len(clips), k)]
         return Triplane.cat(await self._run(pieces))
 
     async def decode(self, triplane: Triplane, frames: tuple[int, int]) -> torch.Tensor:
         """Triplane of K clips, frame range [a, b) -> uint8 [K, b - a, H, W, 3] (CPU)."""
         clip_cost = decode_cost(self.model_config, frames)
-        k = self._clips_per_piece(clip_cost)
+        k = self.clips_per_batch(clip_cost)
         pieces = [DecodeWork(triplane[i:i + k], frames, clip_cost) for i in range(0, triplane.batch_size, k)]
         return torch.cat(await self._run(pieces))
 
-    def _clips_per_piece(self, cost_per_clip: int) -> int:
-        """Clips per piece: as many as fit in a batch, one at least."""
+    def clips_per_batch(self, cost_per_clip: int) -> int:
+        """Clips that fit in one batch (a request's piece), one at least."""
         return max(1, self.batch_max_frames // cost_per_clip)
 
     async def _run(self, pieces: list[Work]) -> list:
