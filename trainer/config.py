@@ -76,6 +76,10 @@ class TrainConfig(RunConfig):
     stage2_frames: int = 0
     lpips_weights: str = ""  # a LPIPS .safetensors file; without it stage 2 is MSE only
     lpips_weight: float = 1.0
+    # Train the decoder only: the encoder keeps the starting model's weights, so every video's
+    # triplane (its tokens) and the latent statistics stay those of that model, and a generator
+    # trained on its tokens stays valid.
+    freeze_encoder: bool = False
 
     batch_size: int = 4
     steps: int = 10000
@@ -102,6 +106,8 @@ class TrainConfig(RunConfig):
         super().validate()
         if self.init not in ("random", "codec"):
             raise ValueError("init must be random or codec")
+        if self.freeze_encoder and self.model in PRESETS:
+            raise ValueError("freeze_encoder keeps a trained encoder: start from a .safetensors model")
         if self.init == "codec" and self.model not in PRESETS:
             raise ValueError("init=codec starts a preset from scratch; a .safetensors model already has weights")
         if not self.videos:

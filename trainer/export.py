@@ -50,15 +50,17 @@ def latent_stats(model: CoordTok, dataset: Dataset, clips: int = 64, batch_size:
 
 
 def export_model(model: CoordTok, dataset: Dataset, path: str | Path, metadata: dict[str, str] | None = None,
-                 clips: int = 64, dtype: torch.dtype = torch.float32) -> None:
-    """Write `model` (cast to `dtype`) with its latent statistics to `path`."""
-    stats = latent_stats(model, dataset, clips)
+                 clips: int = 64, dtype: torch.dtype = torch.float32, stats: str | None = None) -> None:
+    """Write `model` (cast to `dtype`) with its latent statistics to `path`: `stats` (their JSON,
+    kept from the starting model when its encoder was frozen) or measured on `clips` clips."""
+    stats = stats or json.dumps(latent_stats(model, dataset, clips))
     export = CoordTok(model.config)
     export.load_state_dict(model.state_dict())
-    save_model(export.to(dtype), path, metadata={**(metadata or {}), "latent_stats": json.dumps(stats)})
+    save_model(export.to(dtype), path, metadata={**(metadata or {}), "latent_stats": stats})
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coordtok.model.checkpoint import read_metadata
     from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
     from coordtok.model.clips import policy_for
     from coordtok.trainer.data import VideoClips, list_videos
@@ -84,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset = VideoClips(files, frames=c.frames, height=c.height, width=c.width, fps=train["fps"] or None,
                          cache=False, clips_per_video=1, seed=train["seed"], policy=policy_for(c.reference_compat))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    stats = read_metadata(train["model"])["latent_stats"] if train.get("freeze_encoder") else None
     export_model(model, dataset, args.output, {"git_commit": run["git_commit"], "steps": str(state["step"]),
-                                                "stage": str(train["stage"])}, clips=args.clips, dtype=dtype)
+                                                "stage": str(train["stage"])}, clips=args.clips, dtype=dtype,
+                 stats=stats)
     print(f"wrote {args.output} from {checkpoint.name}")
     return 0
 

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from coordtok.model import PRESETS, CoordTok, load_model, preset
+from coordtok.model.checkpoint import read_metadata
 from coordtok.model.triplane import patches_to_video
 from coordtok.trainer import distributed, loop
 from coordtok.trainer.codec_init import codec_init
@@ -62,9 +63,12 @@ class Trainer(TrainLoop):
         if config.init == "codec":
             codec_init(self.model, *self.init_clips())
 
+        if config.freeze_encoder:
+            self.model.encoder.requires_grad_(False)
         self.model.to(dist.device)
         self.net = DistributedDataParallel(self.model) if dist.enabled else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = autocast_dtype(config, dist.device)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
@@ -116,9 +120,12 @@ class Trainer(TrainLoop):
         return {}
 
     def export(self) -> None:
-        """The serving file: the (EMA) weights with their latent statistics."""
+        """The serving file: the (EMA) weights with their latent statistics (with a frozen
+        encoder, the starting model's)."""
+        stats = read_metadata(self.config.model)["latent_stats"] if self.config.freeze_encoder else None
         export_model(self.averaged_weights(), self.dataset, self.run_dir / "export.safetensors",
-                     {"git_commit": git_commit(), "steps": str(self.step), "stage": str(self.config.stage)})
+                     {"git_commit": git_commit(), "steps": str(self.step), "stage": str(self.config.stage)},
+                     stats=stats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,32 @@ def test_stage2_from_a_stage1_export_lowers_the_loss(videos, tmp_path):
     assert np.mean(curve[-5:]) < np.mean(curve[:5])
 
 
+def test_freeze_encoder_keeps_the_tokens_and_their_stats(videos, tmp_path):
+    Trainer(config(videos, tmp_path / "s1", steps=5), single_process()).run()
+    start = tmp_path / "s1" / "export.safetensors"
+    frozen = config(videos, tmp_path / "s2", model=str(start), model_overrides={}, stage=2, steps=8,
+                    freeze_encoder=True, ema_decay=0.9)
+    trainer = Trainer(frozen, single_process())
+    trainer.run()
+    before, after = load_model(start, device="cpu"), load_model(tmp_path / "s2" / "export.safetensors", device="cpu")
+    video, n = trainer.dataset[0]
+    with torch.no_grad():
+        tokens_before = before.encode(video[None], torch.tensor([n]))
+        tokens_after = after.encode(video[None], torch.tensor([n]))
+    for plane_before, plane_after in zip(tokens_before.planes(), tokens_after.planes()):
+        assert torch.equal(plane_before, plane_after)
+    decoder_before, decoder_after = before.decoder.state_dict(), after.decoder.state_dict()
+    assert any(not torch.equal(decoder_before[k], decoder_after[k]) for k in decoder_before)
+    from coordtok.model.checkpoint import read_metadata
+
+    assert read_metadata(tmp_path / "s2" / "export.safetensors")["latent_stats"] == read_metadata(start)["latent_stats"]
+
+
+def test_freeze_encoder_needs_a_trained_model(videos, tmp_path):
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        config(videos, tmp_path, freeze_encoder=True).validate()
+
+
 def test_resume_gives_the_same_next_step_loss(videos, tmp_path):
     cfg = config(videos, tmp_path, steps=8, ema_decay=0.9)
     uninterrupted = Trainer(cfg, single_process())
