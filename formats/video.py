@@ -21,8 +21,9 @@ client gone).
 
 Missing files and permission errors are not media errors and propagate unchanged (FFmpeg's I/O
 errors on a damaged file are media errors).
-A file cut short inside its frame data can decode without any error (FFmpeg's Matroska demuxer
-just stops): the frames before the cut are returned.
+A file cut short can decode without any error, and then the frames before the cut are returned:
+FFmpeg's Matroska demuxer just stops wherever the cut is, and its MP4 demuxer stops when the cut
+falls exactly between two frames (a cut inside a frame's data fails to decode).
 
 Conventions:
 - Time is in seconds from the start of the video stream (its first timestamp is 0).

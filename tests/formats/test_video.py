@@ -32,9 +32,10 @@ def encode(path, frames: np.ndarray, fps: float = 30, codec: str = "libx264", pi
            in_format: str = "rgb24", fmt: str | None = None, options: dict | None = None,
            times_ms: list[int] | None = None, container_options: dict | None = None) -> None:
     """Encode `frames` with PyAV directly (codecs and pixel formats write_video does not offer);
-    `times_ms` gives each frame's timestamp for a variable frame rate."""
+    `times_ms` gives each frame's timestamp for a variable frame rate. One encoder thread: x264's
+    threaded output varies with the machine's load, and tests that cut files need the same bytes."""
     with av.open(path, "w", format=fmt, options=container_options or {}) as container:
-        stream = container.add_stream(codec, rate=Fraction(fps), options=options or {})
+        stream = container.add_stream(codec, rate=Fraction(fps), options={"threads": "1", **(options or {})})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         if times_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
@@ -254,6 +255,21 @@ def test_bad_files_raise_typed_errors(tmp_path, clip, kind, error):
     with pytest.raises(error) as raised:
         read_frames(path)
     assert str(raised.value)
+
+
+def test_mp4_cut_at_a_frame_boundary_gives_the_frames_before_the_cut(tmp_path):
+    path = tmp_path / "fast.mp4"
+    # The index first, and no B-frames, so frames are stored in display order.
+    encode(path, ramp_video(12, 48, 64), container_options={"movflags": "faststart"}, options={"bf": "0"})
+    data = path.read_bytes()
+    with av.open(path) as container:
+        starts = [p.pos for p in container.demux(container.streams.video[0]) if p.size]
+    cut = data[: starts[5]]  # frames 0-4 whole, nothing of frame 5
+    frames = read_frames(io.BytesIO(cut))[0]
+    assert len(frames) == 5
+    np.testing.assert_array_equal(frames, read_frames(path)[0][:5])
+    with pytest.raises(CorruptMedia):  # a cut inside frame 5's data fails to decode
+        read_frames(io.BytesIO(data[: starts[5] + 3]))
 
 
 def test_missing_file_is_not_a_media_error(tmp_path):
