@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from coordtok.model import CoordTok, CoordTokConfig, save_model
+from coordtok.model.checkpoint import read_metadata
 from coordtok.model.triplane import PLANES
 
 
@@ -49,6 +50,12 @@ def latent_stats(model: CoordTok, dataset: Dataset, clips: int = 64, batch_size:
     return stats
 
 
+def starting_stats(model: str, freeze_encoder: bool) -> str | None:
+    """The latent stats (JSON) an export keeps: those of the starting model file `model` when its
+    encoder was frozen (the triplanes are that model's), else None (measure them)."""
+    return read_metadata(model)["latent_stats"] if freeze_encoder else None
+
+
 def export_model(model: CoordTok, dataset: Dataset, path: str | Path, metadata: dict[str, str] | None = None,
                  clips: int = 64, dtype: torch.dtype = torch.float32, stats: str | None = None) -> None:
     """Write `model` (cast to `dtype`) with its latent statistics to `path`: `stats` (their JSON,
@@ -60,7 +67,6 @@ def export_model(model: CoordTok, dataset: Dataset, path: str | Path, metadata: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordtok.model.checkpoint import read_metadata
     from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
     from coordtok.model.clips import policy_for
     from coordtok.trainer.data import VideoClips, list_videos
@@ -86,10 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     dataset = VideoClips(files, frames=c.frames, height=c.height, width=c.width, fps=train["fps"] or None,
                          cache=False, clips_per_video=1, seed=train["seed"], policy=policy_for(c.reference_compat))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    stats = read_metadata(train["model"])["latent_stats"] if train.get("freeze_encoder") else None
     export_model(model, dataset, args.output, {"git_commit": run["git_commit"], "steps": str(state["step"]),
                                                 "stage": str(train["stage"])}, clips=args.clips, dtype=dtype,
-                 stats=stats)
+                 stats=starting_stats(train["model"], train.get("freeze_encoder", False)))
     print(f"wrote {args.output} from {checkpoint.name}")
     return 0
 

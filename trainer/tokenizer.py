@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from coordtok.model import PRESETS, CoordTok, load_model, preset
-from coordtok.model.checkpoint import read_metadata
 from coordtok.model.triplane import patches_to_video
 from coordtok.trainer import distributed, loop
 from coordtok.trainer.codec_init import codec_init
@@ -27,7 +26,7 @@ from coordtok.trainer.config import TrainConfig
 from coordtok.model.clips import policy_for
 from coordtok.trainer.data import Augment, VideoClips, list_videos
 from coordtok.trainer.ema import EMA
-from coordtok.trainer.export import export_model
+from coordtok.trainer.export import export_model, starting_stats
 from coordtok.trainer.losses import patch_mse
 from coordtok.trainer.loop import EpochSampler, TrainLoop, autocast_dtype, git_commit
 from coordtok.trainer.lpips import load_lpips, lpips_video
@@ -122,10 +121,9 @@ class Trainer(TrainLoop):
     def export(self) -> None:
         """The serving file: the (EMA) weights with their latent statistics (with a frozen
         encoder, the starting model's)."""
-        stats = read_metadata(self.config.model)["latent_stats"] if self.config.freeze_encoder else None
         export_model(self.averaged_weights(), self.dataset, self.run_dir / "export.safetensors",
                      {"git_commit": git_commit(), "steps": str(self.step), "stage": str(self.config.stage)},
-                     stats=stats)
+                     stats=starting_stats(self.config.model, self.config.freeze_encoder))
 
 
 def main(argv: list[str] | None = None) -> int:
