@@ -3,7 +3,7 @@ baseline at the same float budget.
 
     python -m coordtok.trainer.evaluate --model coordtok.safetensors --videos DIR \\
         [--lpips-weights lpips.safetensors | --lpips-backbone vgg16-397923af.pth --lpips-linear vgg.pth] \\
-        [--max-clips N] [--json OUT] [--device cpu]
+        [--max-clips N] [--refine-steps N] [--json OUT] [--device cpu]
 
 Every video under DIR (recursive) is decoded at the model's frame size (scaled to cover it,
 then centre-cropped; its first `--max-frames` frames when given) and cut into clips by the model's
@@ -36,6 +36,7 @@ from coordtok.model.triplane import from_uint8, to_uint8
 from coordtok.trainer.data import list_videos
 from coordtok.trainer.lpips import LPIPS, load_lpips, lpips_video
 from coordtok.trainer.metrics import baseline_grid, psnr, ssim, trilinear_baseline
+from coordtok.trainer.refine import refine
 
 METHODS = ("coordtok", "baseline")
 CVVDP_DISPLAY = "standard_4k"
@@ -66,11 +67,15 @@ def score(
     return scores
 
 
-def reconstruct(model: CoordTok, clips: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+def reconstruct(model: CoordTok, clips: torch.Tensor, n_frames: torch.Tensor, refine_steps: int = 0) -> torch.Tensor:
     """Encode and decode clips (uint8 [B, frames, H, W, 3] with n_frames [B] valid) ->
-    [B, frames, H, W, 3] in [-1, 1] (clamped), on the model's device."""
+    [B, frames, H, W, 3] in [-1, 1] (clamped), on the model's device; with `refine_steps`, the
+    encoder's triplane is refined that many steps before decoding (`trainer.refine`)."""
     device = next(model.parameters()).device
-    triplane = model.encode(from_uint8(clips.to(device)), n_frames.to(device))
+    video, n_frames = from_uint8(clips.to(device)), n_frames.to(device)
+    triplane = model.encode(video, n_frames)
+    if refine_steps:
+        triplane = refine(model, triplane, video, n_frames, refine_steps)
     return model.decode_video(triplane).float().clamp(-1, 1)
 
 
@@ -83,12 +88,15 @@ def evaluate(
     limits: MediaLimits = MediaLimits(),
     max_frames: int | None = None,
     policy: str | None = None,
+    refine_steps: int = 0,
 ) -> dict:
     """Score `model` and the trilinear baseline on the clips of `videos` (at most `max_clips`;
     the first `max_frames` frames of each video when given), cut by the clip `policy` (default:
     the model's; "pad" on a native model measures the -1 padding of the public implementation).
+    With `refine_steps`, each clip's triplane is refined before decoding (`trainer.refine`): the
+    scores then measure the decoder with the best latents it can be given, not the tokenizer.
 
-    Returns {"budget_floats", "baseline_grid" (of a full clip), "clip_frames", "size", "lpips",
+    Returns {"budget_floats", "baseline_grid" (of a full clip), "clip_frames", "size", "refine_steps", "lpips",
     "cvvdp" (what was computed, or why not), "clips": one row per clip, "videos": per-video
     means, "mean": means over all clips, "skipped": videos that could not be read}. A clip row is
     {"video", "clip", "start_frame", "n_frames" (frames scored), "baseline_grid", "coordtok":
@@ -119,7 +127,7 @@ def evaluate(
             fps = info.fps or FALLBACK_FPS
             for first in range(0, count, batch_size):
                 batch = slice(first, min(first + batch_size, count))
-                decoded = reconstruct(model, clips[batch], n_frames[batch])
+                decoded = reconstruct(model, clips[batch], n_frames[batch], refine_steps)
                 for i, k in enumerate(range(batch.start, batch.stop)):
                     rows.append(_clip_row(path, layout, k, frames, decoded[i], budget, lpips, cvvdp, fps))
     return {
@@ -127,6 +135,7 @@ def evaluate(
         "baseline_grid": list(baseline_grid((c.frames, c.height, c.width), budget)),
         "clip_frames": c.frames,
         "size": [c.height, c.width],
+        "refine_steps": refine_steps,
         "lpips": "computed" if lpips is not None else "not computed: no LPIPS weights given",
         "cvvdp": f"computed (display {CVVDP_DISPLAY})" if cvvdp is not None else "not computed: the cvvdp package (pycvvdp) is not installed",
         "clips": rows,
@@ -206,11 +215,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video")
     parser.add_argument("--clip-policy", choices=POLICIES, default=None, help="default: the model's (model/clips.py)")
     parser.add_argument("--batch", type=int, default=4, help="clips per encode/decode call")
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="refine each clip's triplane this many steps before decoding (trainer/refine.py): "
+                             "measures the decoder given its best latents; default 0, the tokenizer as served")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if bool(args.lpips_backbone) != bool(args.lpips_linear):
         parser.error("--lpips-backbone and --lpips-linear go together")
+    if args.refine_steps < 0:
+        parser.error("--refine-steps must be 0 or more")
     if args.lpips_weights and args.lpips_backbone:
         parser.error("give --lpips-weights or --lpips-backbone/--lpips-linear, not both")
     weights = args.lpips_weights or ((args.lpips_backbone, args.lpips_linear) if args.lpips_backbone else None)
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     result = {"model": model_id(args.model), "config": json.loads(model.config.to_json()),
               **evaluate(model, videos, lpips=lpips, max_clips=args.max_clips, batch_size=args.batch,
-                        max_frames=args.max_frames, policy=args.clip_policy)}
+                        max_frames=args.max_frames, policy=args.clip_policy, refine_steps=args.refine_steps)}
     print(format_table(result))
     print(f"LPIPS: {result['lpips']}; ColorVideoVDP: {result['cvvdp']}; baseline grid {result['baseline_grid']} "
           f"for {result['budget_floats']} floats per clip")
