@@ -112,19 +112,14 @@ def evaluate(
             remaining = None if max_clips is None else max_clips - len(rows)
             if remaining is not None and remaining <= 0:
                 break
-            try:
-                frames, info, _ = read_frames(path, limits, size=(c.height, c.width), resize="crop", max_frames=max_frames)
-            except MediaError as error:
-                skipped.append({"video": str(path), "error": f"{type(error).__name__}: {error}"})
+            read = _read_video(path, c, limits, max_frames)
+            if isinstance(read, str):
+                skipped.append({"video": str(path), "error": read})
                 continue
-            if len(frames) == 0:
-                skipped.append({"video": str(path), "error": "no frames decoded"})
-                continue
-            frames = torch.from_numpy(frames)
+            frames, fps = read
             layout = ClipLayout.plan(len(frames), c.frames, policy or policy_for(c.reference_compat))
             count = layout.clips if remaining is None else min(layout.clips, remaining)
             clips, n_frames = layout.cut(frames), layout.model_n_frames()
-            fps = info.fps or FALLBACK_FPS
             for first in range(0, count, batch_size):
                 batch = slice(first, min(first + batch_size, count))
                 decoded = reconstruct(model, clips[batch], n_frames[batch], refine_steps)
@@ -143,6 +138,18 @@ def evaluate(
         "mean": _means(rows),
         "skipped": skipped,
     }
+
+
+def _read_video(path: Path, config, limits: MediaLimits, max_frames: int | None) -> tuple[torch.Tensor, float] | str:
+    """The video at the model's frame size (uint8 [L, H, W, 3]) and its frame rate, or why it
+    cannot be scored."""
+    try:
+        frames, info, _ = read_frames(path, limits, size=(config.height, config.width), resize="crop", max_frames=max_frames)
+    except MediaError as error:
+        return f"{type(error).__name__}: {error}"
+    if len(frames) == 0:
+        return "no frames decoded"
+    return torch.from_numpy(frames), info.fps or FALLBACK_FPS
 
 
 def _clip_row(path, layout: ClipLayout, k: int, frames, decoded, budget, lpips, cvvdp, fps) -> dict:
