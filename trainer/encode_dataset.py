@@ -23,8 +23,11 @@ other files or settings stops the run with an error saying so (the folder's file
 another model or fps: write to a new folder). `max_shards` ends a run after that many shards, for
 jobs with a time limit; the next run continues.
 
-Memory: a video is held whole at the model's frame size (at most `MediaLimits.max_frames` frames)
-while its clips are encoded, and each worker decodes up to two videos ahead.
+Limits: a video over `limits` (`MediaLimits`: frames, duration, frame size; the service's defaults
+unless set) is listed in the manifest as unreadable, with the limit it crossed.
+
+Memory: a video is held whole at the model's frame size (at most `limits.max_frames` frames) while
+its clips are encoded, and each worker decodes up to two videos ahead.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ class EncodeOptions:
     fps: float | None = None  # resample videos to this rate (None: each video's own)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
     max_shards: int | None = None  # end this run after encoding that many shards (None: all)
+    limits: MediaLimits = MediaLimits()  # a video over these (frames, duration, size) is listed as unreadable
     progress: bool = True  # a progress bar on rank 0
 
     def __post_init__(self) -> None:
@@ -119,7 +123,7 @@ class VideoFiles(Dataset):
     """Item i: the video `root / sources[i]` decoded at the model's frame size and cut into its clips."""
 
     def __init__(self, root: Path, sources: list[str], model: CoordTok, fps: float | None,
-                 limits: MediaLimits = MediaLimits()) -> None:
+                 limits: MediaLimits) -> None:
         self.root, self.sources, self.fps, self.limits = root, sources, fps, limits
         c = model.config
         self.frames, self.size, self.policy = c.frames, (c.height, c.width), policy_for(c.reference_compat)
@@ -252,7 +256,7 @@ def encode_dataset(root: str | Path, out: str | Path, tokenizer: Tokenizer, opti
     out.mkdir(parents=True, exist_ok=True)
 
     sources = [source for spec in todo for source in spec.sources]
-    loader = DataLoader(VideoFiles(root, sources, model, options.fps), batch_size=None, num_workers=options.workers)
+    loader = DataLoader(VideoFiles(root, sources, model, options.fps, options.limits), batch_size=None, num_workers=options.workers)
     bar = tqdm(total=len(sources), unit="video", dynamic_ncols=True, disable=not (options.progress and dist.is_main),
                desc=f"{len(todo)} shard(s)" + (f" of rank 0 (of {dist.world_size})" if dist.enabled else ""))
     videos: Iterator[DecodedVideo] = iter(loader)

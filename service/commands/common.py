@@ -3,6 +3,7 @@ the app run in this process."""
 from __future__ import annotations
 
 import argparse
+import math
 
 import httpx
 
@@ -83,6 +84,13 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {value}")
     return number
 
 

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from coordtok.service.commands.common import add_command, add_model_options, model_setting, positive_int
+from coordtok.formats.video import MediaLimits
+from coordtok.service.commands.common import add_command, add_model_options, model_setting, positive_float, positive_int
 
 
 def add_to(commands) -> None:
@@ -24,6 +25,11 @@ def add_to(commands) -> None:
                          help="auto: bf16 autocast on GPUs, fp32 on the CPU")
     dataset.add_argument("--max-shards", type=positive_int, default=None,
                          help="stop after encoding this many shards (per process); run again to continue")
+    dataset.add_argument("--max-frames", type=positive_int, default=MediaLimits.max_frames,
+                         help="a video with more frames is listed as unreadable (each is held whole at the model's "
+                              "size while it is encoded: 49 KiB per frame at 128x128)")
+    dataset.add_argument("--max-duration", type=positive_float, default=MediaLimits.max_duration_s, metavar="SECONDS",
+                         help="a longer video is listed as unreadable")
     dataset.set_defaults(run=cmd_encode_dataset)
 
 
@@ -34,7 +40,8 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
 
     spec = model_setting(args)
     options = EncodeOptions(shard_size=args.shard_size, batch=args.batch, workers=args.workers, fps=args.fps,
-                            precision=args.precision, max_shards=args.max_shards)
+                            precision=args.precision, max_shards=args.max_shards,
+                            limits=MediaLimits(max_frames=args.max_frames, max_duration_s=args.max_duration))
     if warning := random_weights_warning(spec):
         print(f"coordtok: warning: {warning}", file=sys.stderr)
 

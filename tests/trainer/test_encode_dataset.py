@@ -202,6 +202,22 @@ def test_a_folder_of_other_settings_files_or_damaged_shards_is_refused(reference
 def test_bad_options_are_refused_before_the_model_loads(videos, tmp_path, capsys):
     assert coordtok(["encode-dataset", str(videos), "-o", str(tmp_path), "--fps", "0"]) == 2
     assert "--fps is 0 fps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        coordtok(["encode-dataset", str(videos), "-o", str(tmp_path), "--max-duration", "nan"])
+    assert "--max-duration: must be a number above 0, not nan" in capsys.readouterr().err
+
+
+def test_videos_over_the_frame_limit_given_are_listed_as_unreadable_and_the_rest_encoded(videos, tokenizer_file, tmp_path):
+    """--max-frames 25 refuses the 30- and 40-frame videos (the limit crossed named in the manifest)."""
+    out = tmp_path / "tokens"
+    assert coordtok(["encode-dataset", str(videos), "-o", str(out), "--model", str(tokenizer_file), "--workers", "0",
+                     "--max-frames", "25"]) == 0
+    rows = read_manifest(out)
+    refused = {row["source"]: row["error"] for row in rows if "error" in row}
+    assert sorted(refused) == ["ClassB/broken.mp4", "ClassB/v_ClassB_g01_c01.mkv", "ClassC/v_ClassC_g01_c01.mp4"]
+    assert all("over the limit of 25" in refused[name] for name in sorted(refused)[1:])
+    assert sorted({row["source"] for row in rows if "index" in row}) == ["ClassA/v_ClassA_g01_c01.mp4",
+                                                                        "ClassA/v_ClassA_g02_c01.avi"]
 
 
 def test_the_generator_trains_from_the_shards(reference, tokenizer_file, tmp_path):
