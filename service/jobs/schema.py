@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine,
                         event, false, inspect, text)
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -100,15 +100,27 @@ def connect(url: URL) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+# PostgreSQL advisory lock keys: any constants that every server shares.
+SCHEMA_TURN = 7110617  # creating or upgrading the table
+ADMISSION_TURN = 7110618  # counting the active jobs and adding one
+
+
+def take_turns(db: Connection, turn: int) -> None:
+    """Make the transaction just begun on `db` wait for, then hold off until it ends, every other
+    transaction that takes the same `turn`: PostgreSQL's advisory lock `turn`; SQLite's write lock
+    (BEGIN IMMEDIATE: pysqlite begins no transaction before a read or DDL by itself), one for all turns."""
+    if db.dialect.name == "sqlite":
+        db.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        db.execute(text("SELECT pg_advisory_xact_lock(:turn)"), {"turn": turn})
+
+
 def create_schema(engine: Engine) -> None:
     """Create the job table, or add the columns that a table made by an older server lacks (all of
     them nullable). Stores opening one database together take turns (SQLite: the write lock;
     PostgreSQL: an advisory lock), since two concurrent CREATE TABLE IF NOT EXISTS can collide."""
     with engine.begin() as db:
-        if engine.dialect.name == "sqlite":
-            db.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite begins no transaction for DDL by itself
-        else:
-            db.execute(text("SELECT pg_advisory_xact_lock(7110617)"))  # any constant shared by every server
+        take_turns(db, SCHEMA_TURN)
         metadata.create_all(db, checkfirst=True)
         have = {column["name"] for column in inspect(db).get_columns("jobs")}
         for column in jobs.columns:

@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 
 from coordtok.service.jobs.job import FINISHED, STATUSES, Job, JobConflict, JobError, JobModels, JobNotFound, TooManyJobs
 from coordtok.service.jobs.request import RESULT_TYPES, GenerateRequest, JobRequest
-from coordtok.service.jobs.schema import connect, create_schema, database_url, epoch_now
+from coordtok.service.jobs.schema import ADMISSION_TURN, connect, create_schema, database_url, epoch_now, take_turns
 from coordtok.service.jobs.schema import jobs as table
 
 _COLUMNS = [table.c[name] for name in (
@@ -163,6 +163,7 @@ class JobStore:
         job_id = uuid.uuid4().hex
         try:
             with db.begin() as connection:
+                take_turns(connection, ADMISSION_TURN)  # so that concurrent submits never pass the limit together
                 active = connection.scalar(select(func.count()).where(table.c.status.in_(_ACTIVE)))
                 if active >= max_active:
                     raise TooManyJobs(f"{active} jobs are queued or running (the limit is {max_active}); retry later")

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from coordtok.service.jobs import GenerateRequest, JobError, JobModels, JobStore
+from coordtok.service.jobs import GenerateRequest, JobError, JobModels, JobStore, TooManyJobs
 from tests.service.postgres_cluster import fresh_database, private_cluster
 
 MODELS = JobModels("tokenizer@aaaa", "a" * 64, "generator@bbbb", "b" * 64)
@@ -121,6 +121,22 @@ def test_concurrent_submits_with_one_idempotency_key_make_one_job(stores):
     assert sum(servers[0].counts().values()) == 1
     with pytest.raises(JobError, match="Idempotency-Key"):
         servers[1].create(GenerateRequest(num_videos=3), 1, 100, MODELS, idempotency_key="order-7")
+
+
+def test_concurrent_submits_to_four_servers_never_exceed_the_queue_limit(stores):
+    """12 submits at once, 4 servers, a limit of 5 active jobs: 5 are made, 7 refused with the limit."""
+    servers = [stores() for _ in range(4)]
+
+    def create(i: int):
+        try:
+            return servers[i % 4].create(GenerateRequest(num_videos=1, steps=1), 1, 5, MODELS)[0].id
+        except TooManyJobs as error:
+            return str(error)
+
+    answers = in_threads(create, 12)
+    refused = [answer for answer in answers if "the limit is 5" in answer]
+    assert (len(answers) - len(refused), len(refused)) == (5, 7), answers
+    assert servers[0].counts()["queued"] == 5
 
 
 def test_a_cancel_sent_to_one_server_reaches_the_server_running_the_job(stores):
