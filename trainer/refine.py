@@ -1,9 +1,9 @@
 """Test-time latent refinement: the triplane from which a frozen decoder reconstructs a clip best.
 
 Starting from the encoder's triplane, Adam adjusts the three planes (never the model) to lower the
-MSE of the reconstruction of the clip's real frames, on one random aligned slice of
-`decode_slice_frames` frames per step (the patch sets `decode_video` decodes together, so each
-step optimises what decoding computes).
+MSE of the reconstruction of the clip's real frames, on one random decoder slice of
+`decode_slice_frames` frames per step, decoded by `decode_video` itself (so each step optimises
+exactly what decoding computes).
 
 A diagnostic, used by `trainer.evaluate --refine-steps`: the PSNR the refinement adds is the
 encoder's share of the reconstruction error (the amortisation gap), what remains is the decoder's.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from coordtok.model import CoordTok, Triplane
-from coordtok.model.triplane import frame_coords, patches_to_video
 
 
 def refine(model: CoordTok, triplane: Triplane, video: torch.Tensor, n_frames: torch.Tensor, steps: int,
@@ -39,8 +38,7 @@ def refine(model: CoordTok, triplane: Triplane, video: torch.Tensor, n_frames: t
         for _ in range(steps):
             first = int(torch.randint(slices, (), generator=order)) * c.decode_slice_frames
             last = first + c.decode_slice_frames
-            coords = frame_coords(c, first, last).to(video.device).expand(len(video), -1, -1)
-            decoded = patches_to_video(model.decoder(Triplane(*planes), coords), c)  # [B, s, H, W, 3]
+            decoded = model.decode_video(Triplane(*planes), frames=(first, last))  # [B, s, H, W, 3]
             weight = real[:, first:last, None, None, None].float()
             loss = (weight * (decoded - target[:, first:last]) ** 2).sum() / weight.sum().clamp(min=1)
             for plane, grad in zip(planes, torch.autograd.grad(loss, planes)):
