@@ -7,6 +7,9 @@ still agree on when a lease has run out.
 """
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine,
@@ -84,20 +87,39 @@ def database_url(setting: str, jobs_dir: Path) -> URL:
     return url.set(drivername="postgresql+psycopg")
 
 
+SQLITE_BUSY_WAIT_S = 10.0
+
+
 def connect(url: URL) -> Engine:
     """An engine for `url`. SQLite: WAL (readers do not wait for the writer), durable across
     process crashes, a 10 s wait for a busy database; PostgreSQL: connections checked before use,
     so that a database restart costs no failed job."""
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_WAIT_S, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _pragmas(connection, _record) -> None:
-            connection.execute("PRAGMA journal_mode=WAL")
+            _use_wal(connection)
             connection.execute("PRAGMA synchronous=NORMAL")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Switch the database file to WAL (it stays so), waiting up to SQLITE_BUSY_WAIT_S while it is
+    busy. The switch from rollback mode needs the exclusive lock; where waiting for it could
+    deadlock (another connection, opening the new file too, holds or wants the write lock),
+    SQLite fails at once without calling the busy handler, so this waits and tries again."""
+    deadline = time.monotonic() + SQLITE_BUSY_WAIT_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
 
 
 # PostgreSQL advisory lock keys: any constants that every server shares.

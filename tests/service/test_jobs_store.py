@@ -166,3 +166,25 @@ def test_a_database_of_an_older_server_gains_the_new_columns_and_its_jobs_run(tm
     assert store.get("old").models is None and store.get("old").to_json(MODELS)["waiting_for"] is None
     assert store.claim("server", MODELS, lease_s=30).id == "old"
     store.close()
+
+
+def test_a_store_opening_a_new_sqlite_file_while_another_holds_the_write_lock_waits(tmp_path):
+    """The first connection turns the file to WAL, which SQLite refuses at once (no busy wait) while
+    another connection holds the write lock: two servers creating the file together. The store waits
+    for the lock to go and opens the database; before, it failed with "database is locked"."""
+    holder = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, holder.execute, ("COMMIT",))
+    release.start()
+    store = JobStore(tmp_path)
+    try:
+        assert sum(store.counts().values()) == 0  # opening the file waited for the lock
+        (job_id,) = submit(store)
+        assert store.get(job_id).status == "queued"
+        with sqlite3.connect(tmp_path / "jobs.sqlite3") as check:
+            assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        release.join()
+        store.close()
+        holder.close()
