@@ -111,5 +111,6 @@ def rendered_prometheus_config(target: str, interval_ms: int) -> str:
     config["global"].update(scrape_interval=f"{interval_ms}ms", evaluation_interval=f"{interval_ms}ms")
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / path) for path in config["rule_files"]]
     (job,) = config["scrape_configs"]
+    del job["dns_sd_configs"]  # Docker's DNS, which names the compose servers, is not here
     job["static_configs"] = [{"targets": [target]}]
     return yaml.safe_dump(config)

@@ -56,13 +56,16 @@ def test_the_build_context_holds_what_the_images_copy():
 def test_compose_wires_the_server_prometheus_and_grafana():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    target_host = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"][0]["static_configs"][0]["targets"][0]
-    host, port = target_host.split(":")
+    (discovery,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"][0]["dns_sd_configs"]
+    (host,), port = discovery["names"], discovery["port"]
+    servers = [name for name in services if name.startswith("coordtok-")]
+    assert len(servers) == 4  # gpu, cpu and the many profile's two: Prometheus finds each by its alias
+    for name in servers:
+        assert host in services[name]["networks"]["default"]["aliases"], f"Prometheus would not find {name}"
     for name, dockerfile, profile in (("coordtok-gpu", "Dockerfile", "gpu"), ("coordtok-cpu", "Dockerfile.cpu", "cpu")):
         server = services[name]
         assert server["profiles"] == [profile]
         assert (DOCKER / server["build"]["context"] / server["build"]["dockerfile"]) == DOCKER / ".." / "docker" / dockerfile
-        assert host in server["networks"]["default"]["aliases"]
         assert any(p.endswith(f":{port}") for p in server["ports"])
         mounts = {target: source for source, target in map(mount, server["volumes"])}
         assert "/models" in mounts and "/data" in mounts  # models read-only from the host, jobs on a volume

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import numpy as np
+import yaml
 
 from coordtok.formats.video import write_video
 from tests.deploy.deployment import RULES, PROMETHEUS_CONFIG, dashboard_queries, rendered_prometheus_config, with_values
@@ -31,6 +32,33 @@ def test_promtool_accepts_the_config_and_rules():
     for check in (["check", "config", str(PROMETHEUS_CONFIG)], ["check", "rules", str(RULES)]):
         result = subprocess.run([PROMTOOL, *check], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_server_alerts_fire_when_a_server_stops_answering_or_none_is_found(tmp_path):
+    """promtool's rule tests on rules.yml: a target that fails its scrapes (up 0) raises
+    CoordTokDown after 2 minutes; once the last server has left the targets (a stopped container
+    leaves Docker's DNS, so its series goes stale), CoordTokNoServer fires; while one answers it does not."""
+    require_prometheus()
+    down = {"alertname": "CoordTokDown", "exp_alerts": [{
+        "exp_labels": {"severity": "critical", "job": "coordtok", "instance": "b:8000"},
+        "exp_annotations": {"summary": "b:8000 does not answer /metrics"}}]}
+    none = {"alertname": "CoordTokNoServer", "exp_alerts": [{
+        "exp_labels": {"severity": "critical", "job": "coordtok"},
+        "exp_annotations": {"summary": "Prometheus finds no CoordTok server (the name coordtok resolves to none)"}}]}
+    tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": 'up{job="coordtok", instance="a:8000"}', "values": "1x5 stale"},
+                         {"series": 'up{job="coordtok", instance="b:8000"}', "values": "1 0x5 stale"}],
+        "alert_rule_test": [
+            {"eval_time": "2m", "alertname": "CoordTokDown"},  # pending: down for 1 minute
+            down | {"eval_time": "4m"},
+            {"eval_time": "5m", "alertname": "CoordTokNoServer"},  # a still answers
+            {"eval_time": "7m", "alertname": "CoordTokNoServer"},  # gone for 1 minute: pending
+            none | {"eval_time": "9m"},
+        ]}]}
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "alerts_test.yml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def query(prometheus: str, promql: str) -> list[dict]:
@@ -105,7 +133,7 @@ def test_prometheus_scrapes_the_server_with_the_projects_config(tmp_path):
             for title in ("Request rate by route and status", "Latency p99 by route", "Model time per batch"):
                 assert query(prometheus, with_values(charts[title])), f"the panel {title!r} would be empty"
             rules = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
-            assert [rule["health"] for group in rules for rule in group["rules"]] == ["ok"] * 6
+            assert [rule["health"] for group in rules for rule in group["rules"]] == ["ok"] * 7
         finally:
             process.terminate()
             process.wait(timeout=30)
