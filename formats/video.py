@@ -105,12 +105,12 @@ class MediaTooLarge(MediaError):
 
 
 class TooManyFrames(MediaTooLarge):
-    """A request yields more than its `frame_limit`: `frames` is the header's count, or None when
+    """A video yields more frames than `frame_limit`: `frames` is the header's count, or None when
     the limit was crossed while decoding (a header that lies or does not tell)."""
 
     def __init__(self, frames: int | None, limit: int) -> None:
         said = f"{frames} frames according to its header" if frames is not None else "more frames than its header says"
-        super().__init__(f"the request yields {said}, over the limit of {limit}")
+        super().__init__(f"the video yields {said}, over the limit of {limit}")
         self.frames, self.limit = frames, limit
 
 
@@ -483,7 +483,7 @@ def _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_fr
             return
         if count >= limits.max_frames:
             raise MediaTooLarge(
-                f"the request yields more than {limits.max_frames} frames; ask for a lower fps or a shorter range"
+                f"the video yields more than {limits.max_frames} frames; ask for a lower fps or a shorter range"
             )
         if frame_limit is not None and count >= frame_limit:
             raise TooManyFrames(None, frame_limit)
