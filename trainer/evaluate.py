@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +144,10 @@ def evaluate(
 
 def _read_video(path: Path, config, limits: MediaLimits, max_frames: int | None) -> tuple[torch.Tensor, float] | str:
     """The video at the model's frame size (uint8 [L, H, W, 3]) and its frame rate, or why it
-    cannot be scored."""
+    cannot be scored. With `max_frames`, decoding stops there, so the length of the rest (the
+    duration and frame count of `limits`) does not refuse a video."""
+    if max_frames is not None:
+        limits = replace(limits, max_duration_s=math.inf, max_frames=sys.maxsize)
     try:
         frames, info, _ = read_frames(path, limits, size=(config.height, config.width), resize="crop", max_frames=max_frames)
     except MediaError as error:
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lpips-backbone", type=Path, help="torchvision's vgg16-397923af.pth")
     parser.add_argument("--lpips-linear", type=Path, help="the lpips package's weights/v0.1/vgg.pth")
     parser.add_argument("--max-clips", type=int, default=None)
-    parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video")
+    parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video (then a longer video is not refused for its length)")
     parser.add_argument("--clip-policy", choices=POLICIES, default=None, help="default: the model's (model/clips.py)")
     parser.add_argument("--batch", type=int, default=4, help="clips per encode/decode call")
     parser.add_argument("--refine-steps", type=int, default=0,
@@ -232,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--lpips-backbone and --lpips-linear go together")
     if args.refine_steps < 0:
         parser.error("--refine-steps must be 0 or more")
+    if args.max_frames is not None and args.max_frames < 1:
+        parser.error("--max-frames must be 1 or more")
     if args.lpips_weights and args.lpips_backbone:
         parser.error("give --lpips-weights or --lpips-backbone/--lpips-linear, not both")
     weights = args.lpips_weights or ((args.lpips_backbone, args.lpips_linear) if args.lpips_backbone else None)

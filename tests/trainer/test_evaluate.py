@@ -9,7 +9,7 @@ import torch
 
 from coordtok.model import CoordTok, CoordTokConfig, save_model
 from coordtok.model.clips import ClipLayout
-from coordtok.formats.video import read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames, write_video
 from coordtok.trainer import evaluate as ev
 from coordtok.trainer.lpips import LPIPS
 from coordtok.trainer.metrics import psnr, trilinear_baseline
@@ -173,3 +173,20 @@ def test_negative_refinement_steps_are_refused(videos, model_file, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--model", str(model_file), "--videos", str(videos), "--refine-steps", "-1"])
     assert "--refine-steps must be 0 or more" in capsys.readouterr().err
+
+
+def test_a_video_too_long_to_read_whole_is_scored_on_its_first_max_frames(videos, model_file):
+    """a.mp4 (20 frames, 2 s) is over limits of 1 s and 10 frames: refused whole, and scored on
+    its first 8 frames when only those are asked for (decoding stops there)."""
+    model = ev.load_model(str(model_file), device="cpu")
+    short = MediaLimits(max_duration_s=1.0, max_frames=10)
+    whole = ev.evaluate(model, [videos / "a.mp4"], limits=short)
+    assert whole["clips"] == [] and "over the limit of 1 s" in whole["skipped"][0]["error"]
+    first = ev.evaluate(model, [videos / "a.mp4"], limits=short, max_frames=8)
+    assert first["skipped"] == [] and [(r["start_frame"], r["n_frames"]) for r in first["clips"]] == [(0, 8)]
+
+
+def test_max_frames_below_one_is_refused(videos, model_file, capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--model", str(model_file), "--videos", str(videos), "--max-frames", "0"])
+    assert "--max-frames must be 1 or more" in capsys.readouterr().err
