@@ -8,7 +8,7 @@ bundled coordtok-tiny weights). Tokens of `--clips` random clips are decoded and
 `--source`x`--source` (restore_size). Streamed: the first chunk's arrival, the last's, and the
 request's peak traced Python memory (tracemalloc: numpy arrays and bytes, server and client).
 Buffered: the same clips decoded by the model in one call, restored and written with
-`formats.video.video_bytes`: nothing could leave before the end, and its peak traced memory.
+`formats.video_write.video_bytes`: nothing could leave before the end, and its peak traced memory.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from fastapi.testclient import TestClient
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import print_table, write_json  # noqa: E402
 from coordtok.formats.tokens import Tokens, plane_shapes, serialise  # noqa: E402
-from coordtok.formats.video import plan_geometry, restore_source_size, video_bytes  # noqa: E402
+from coordtok.formats.geometry import plan_geometry, restore_source_size# noqa: E402
+from coordtok.formats.video_write import video_bytes# noqa: E402
 from coordtok.model import Triplane, load_model  # noqa: E402
 from coordtok.model.triplane import to_uint8  # noqa: E402
 from coordtok.service.app import create_app  # noqa: E402

@@ -61,7 +61,7 @@ def micro_model(path: Path) -> Path:
 
 
 def short_clip(frames: int = 16, size: int = 32) -> bytes:
-    from coordtok.formats.video import write_video
+    from coordtok.formats.video_write import write_video
 
     t = np.arange(frames)[:, None, None, None]
     y, x = np.arange(size)[None, :, None, None], np.arange(size)[None, None, :, None]

@@ -1,4 +1,5 @@
-"""Video I/O with PyAV: probe, decode to RGB, resize, select a time range or frame rate, encode.
+"""Video files in, with PyAV: probe, decode to RGB, resize (`formats.geometry`), select a time
+range or frame rate. Files out: `formats.video_write` (whole) and `formats.video_stream` (clip by clip).
 
 Shared by the trainer and the server, so both see the same pixels. Every input is bounded by a
 `MediaLimits`: the container/stream header is checked before decoding (`probe`), and the same limits
@@ -15,9 +16,8 @@ Errors form one hierarchy under `MediaError` (what each means to a client: servi
 A still image FFmpeg reads (PNG, JPEG, ...) is a video of one frame; a PNG's size is checked from
 its header before FFmpeg sees it.
 
-Long work can be stopped: `read_frames`, `write_video`, `restore_source_size` and `restored_frames`
-call `check_stop()` before each frame, and whatever it raises ends the work (a server's deadline, a
-client gone).
+Long work can be stopped: `read_frames` and `iter_frames` call `check_stop()` before each frame,
+and whatever it raises ends the work (a server's deadline, a client gone).
 
 Missing files and permission errors are not media errors and propagate unchanged (FFmpeg's I/O
 errors on a damaged file are media errors).
@@ -35,7 +35,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import struct
@@ -49,9 +48,10 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
+from coordtok.formats.geometry import RESIZE_POLICIES, Geometry, plan_geometry
+
 Source = Union[str, os.PathLike, BinaryIO]
 
-RESIZE_POLICIES = ("crop", "pad", "stretch")
 # FFmpeg's own assumption for streams that declare no frame rate.
 FALLBACK_FPS = 25.0
 # Frame rates a video is read at or written with (a source, a resampling rate, an output rate).
@@ -59,33 +59,6 @@ MIN_FPS, MAX_FPS = 0.1, 1000.0
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Slack for float comparisons of times, on top of half the stream's time base.
 _TIME_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class VideoFormat:
-    """A format decoded frames are written in: its media type and the `write_video` codec (None:
-    the uint8 frames as an .npy array)."""
-
-    media_type: str
-    codec: str | None
-
-
-# The one table of output formats, by name (the file extension, and FFmpeg's muxer for a video codec).
-OUTPUT_FORMATS = {
-    "mp4": VideoFormat("video/mp4", "h264"),
-    "webm": VideoFormat("video/webm", "vp9"),
-    "npy": VideoFormat("application/x-npy", None),
-}
-# Media types of the containers uploads usually come in, by file extension.
-UPLOAD_TYPES = {
-    **{name: f.media_type for name, f in OUTPUT_FORMATS.items() if f.codec is not None},
-    "avi": "video/x-msvideo", "mkv": "video/x-matroska", "mov": "video/quicktime",
-}
-# write_video's codecs: the FFmpeg encoder and encoder options of each.
-_ENCODERS = {
-    "h264": ("libx264", {"crf": "18"}),
-    "vp9": ("libvpx-vp9", {"crf": "32", "b": "0", "deadline": "good", "cpu-used": "4"}),
-}
 
 
 class MediaError(Exception):
@@ -147,50 +120,6 @@ class VideoInfo:
         if fps is None or (self.fps > 0 and math.isclose(fps, self.fps)):
             return self.frames
         return max(math.ceil(self.duration_s * fps - 1e-6), 0)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How a source frame was mapped to the output: output = pad(crop(scale(source))).
-
-    Sizes are (height, width); boxes are (top, left, height, width). `crop` is the window of the
-    scaled frame that was kept and `pad` the region of the output that holds it; a step that was
-    not applied is the full frame. To go back to the source size, take `output[pad]` (that is
-    `scaled[crop]`) and, when `crop` is the full scaled frame, resize it to `source`.
-    """
-
-    policy: str
-    source: tuple[int, int]
-    scaled: tuple[int, int]
-    output: tuple[int, int]
-    crop: tuple[int, int, int, int]
-    pad: tuple[int, int, int, int]
-
-
-def plan_geometry(source: tuple[int, int], size: tuple[int, int] | None, policy: str = "crop") -> Geometry:
-    """Geometry that maps a `source` (H, W) frame to `size` (H, W) under `policy` (`crop`: scale
-    so the short side fits and centre-crop; `pad`: scale so the long side fits and pad with black;
-    `stretch`: scale to exactly `size`). `size=None` keeps the source size."""
-    h, w = source
-    out_h, out_w = size if size is not None else source
-    if size is None or policy == "stretch":
-        scaled = (out_h, out_w)
-    elif policy == "crop":
-        if h * out_w >= w * out_h:  # relatively taller: the width fits
-            scaled = (max(out_h, round(h * out_w / w)), out_w)
-        else:
-            scaled = (out_h, max(out_w, round(w * out_h / h)))
-    elif policy == "pad":
-        if h * out_w >= w * out_h:  # relatively taller: the height fits
-            scaled = (out_h, min(out_w, max(1, round(w * out_h / h))))
-        else:
-            scaled = (min(out_h, max(1, round(h * out_w / w))), out_w)
-    else:
-        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
-    crop_h, crop_w = min(scaled[0], out_h), min(scaled[1], out_w)
-    crop = ((scaled[0] - crop_h) // 2, (scaled[1] - crop_w) // 2, crop_h, crop_w)
-    pad = ((out_h - crop_h) // 2, (out_w - crop_w) // 2, crop_h, crop_w)
-    return Geometry(policy, (h, w), scaled, (out_h, out_w), crop, pad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,116 +520,3 @@ def _collect(frames: Iterator[np.ndarray], expected: int) -> np.ndarray | None:
         buffer[n] = frame
         n += 1
     return None if buffer is None else buffer[:n]
-
-
-# --------------------------------------------------------------------------------------------
-# Encoding
-
-
-def write_video(frames: np.ndarray, path_or_file: Source, fps: float, codec: str = "h264",
-                check_stop: Callable[[], None] | None = None) -> None:
-    """Encode RGB uint8 `[T, H, W, 3]` frames at `fps` (in [MIN_FPS, MAX_FPS]) as MP4/H.264
-    (`codec="h264"`, libx264, yuv420p, CRF 18) or WebM/VP9 (`codec="vp9"`, libvpx-vp9, yuv420p,
-    CRF 32). The same frames give the same bytes (the muxers write no random ids nor versions).
-
-    H.264 in yuv420p needs even sizes: an odd height or width is padded by repeating the last row
-    or column, so the decoded video is one pixel larger there (VP9 keeps odd sizes). An MP4 written
-    to a path has its index at the front (faststart) for progressive playback; to a file object it
-    is at the end. `check_stop` is called before each frame. (`formats.video_stream` writes a file
-    clip by clip instead.)
-    """
-    if codec not in _ENCODERS:
-        raise ValueError(f"codec must be one of {tuple(_ENCODERS)}, got {codec!r}")
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be uint8 [T>0, H, W, 3], got {frames.dtype} {frames.shape}")
-    check_fps(fps, "the output rate")
-    is_path = isinstance(path_or_file, (str, os.PathLike))
-    options = {"fflags": "+bitexact", **({"movflags": "faststart"} if codec == "h264" and is_path else {})}
-    with av.open(path_or_file, mode="w", format=container_format(codec), options=options) as container:
-        stream = add_video_stream(container, codec, fps, frames.shape[1:3])
-        for image in frames:
-            if check_stop is not None:
-                check_stop()
-            container.mux(stream.encode(video_frame(image, stream)))
-        container.mux(stream.encode(None))
-
-
-def container_format(codec: str) -> str:
-    """The output format (FFmpeg's muxer) that holds `codec`."""
-    return next(name for name, f in OUTPUT_FORMATS.items() if f.codec == codec)
-
-
-def add_video_stream(container: av.container.OutputContainer, codec: str, fps: float, size: tuple[int, int],
-                     options: dict[str, str] | None = None) -> av.video.stream.VideoStream:
-    """Add a `codec` encoder (`_ENCODERS`, its options updated by `options`) for frames of `size`
-    (H, W) at `fps` to an output container. H.264 in yuv420p takes even sizes only: an odd side is
-    one pixel larger in the stream (`video_frame` pads the frames)."""
-    encoder, encoder_options = _ENCODERS[codec]
-    stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001),
-                                  options={**encoder_options, **(options or {})})
-    height, width = size
-    if codec == "h264":
-        height, width = height + height % 2, width + width % 2
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    return stream
-
-
-def video_frame(image: np.ndarray, stream: av.video.stream.VideoStream) -> av.VideoFrame:
-    """RGB uint8 `[H, W, 3]` as a frame for `stream`, padded to the stream's size by repeating the
-    last row and column (`add_video_stream`)."""
-    pad_h, pad_w = stream.height - image.shape[0], stream.width - image.shape[1]
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    return av.VideoFrame.from_ndarray(image, format="rgb24")
-
-
-def video_bytes(frames: np.ndarray, fps: float, fmt: str, check_stop: Callable[[], None] | None = None) -> bytes:
-    """uint8 `[T, H, W, 3]` frames as a file of output format `fmt` (see OUTPUT_FORMATS) at `fps`."""
-    buffer = io.BytesIO()
-    codec = OUTPUT_FORMATS[fmt].codec
-    if codec is None:
-        np.save(buffer, frames, allow_pickle=False)
-    else:
-        write_video(frames, buffer, fps, codec=codec, check_stop=check_stop)
-    return buffer.getvalue()
-
-
-def check_restorable(geometry: Geometry) -> None:
-    """ValueError when `geometry` cannot be undone: a crop (the border it removed is gone)."""
-    if tuple(geometry.crop) != (0, 0, *geometry.scaled):
-        raise ValueError("these frames were cropped from the source (resize=crop): the border is gone, so the "
-                         "source size cannot be restored; encode with resize=pad or resize=stretch to keep it")
-
-
-def restore_source_size(frames: np.ndarray, geometry: Geometry, check_stop: Callable[[], None] | None = None) -> np.ndarray:
-    """Undo `geometry` on output frames: uint8 `[T, H, W, 3]` -> `[T, source H, source W, 3]`.
-
-    Padding is removed and the picture scaled back to the source size (see `check_restorable`).
-    `check_stop` is called before each frame.
-    """
-    check_restorable(geometry)
-    restored = np.empty((len(frames), *geometry.source, 3), dtype=np.uint8)
-    for i, frame in enumerate(restored_frames(frames, geometry, check_stop)):
-        restored[i] = frame
-    return restored
-
-
-def restored_frames(frames: np.ndarray, geometry: Geometry,
-                    check_stop: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
-    """`restore_source_size` one frame at a time: uint8 `[source H, source W, 3]` for each of
-    `frames` (checked at the call), so that only one restored frame is held."""
-    check_restorable(geometry)
-    return _restored(frames, geometry, check_stop)
-
-
-def _restored(frames: np.ndarray, geometry: Geometry, check_stop: Callable[[], None] | None) -> Iterator[np.ndarray]:
-    top, left, height, width = geometry.pad
-    source_h, source_w = geometry.source
-    reformatter = VideoReformatter()
-    for frame in frames[:, top : top + height, left : left + width]:
-        if check_stop is not None:
-            check_stop()
-        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        yield reformatter.reformat(picture, width=source_w, height=source_h, format="rgb24",
-                                   interpolation=Interpolation.BICUBIC).to_ndarray()

@@ -7,7 +7,7 @@ the container writes them, so the writer never holds the whole video.
             send(chunk)
     send(writer.finish())
 
-The formats are those of `formats.video.OUTPUT_FORMATS`, with `write_video`'s codecs and options:
+The formats are those of `formats.video_write.OUTPUT_FORMATS`, with `write_video`'s codecs and options:
 
 - mp4: fragmented MP4 (movflags `frag_keyframe+empty_moov+default_base_moof`): an index without
   samples first, then one fragment per keyframe. Each `encode` call starts with a keyframe, so each
@@ -29,7 +29,11 @@ import av
 import numpy as np
 from av.video.frame import PictureType
 
-from coordtok.formats.video import OUTPUT_FORMATS, add_video_stream, check_fps, video_frame
+from coordtok.formats.video import check_fps
+
+# Muxer options that let each format be written front to back, handing out bytes as it goes.
+
+from coordtok.formats.video_write import OUTPUT_FORMATS, add_video_stream, video_frame
 
 # Muxer options that let each format be written front to back, handing out bytes as it goes.
 _STREAMING_OPTIONS = {"mp4": {"movflags": "frag_keyframe+empty_moov+default_base_moof"}}

@@ -27,7 +27,7 @@ import numpy as np
 
 from coordtok.formats import tokens as token_files
 from coordtok.formats.tokens import Tokens
-from coordtok.formats.video import UPLOAD_TYPES
+from coordtok.formats.video_write import UPLOAD_TYPES
 
 
 class ServerError(RuntimeError):

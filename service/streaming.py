@@ -31,7 +31,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
-from coordtok.formats.video import Geometry, restored_frames
+from coordtok.formats.geometry import Geometry, restored_frames
 from coordtok.formats.video_stream import StreamWriter
 from coordtok.model import Triplane
 from coordtok.service.engine import Engine

@@ -187,7 +187,7 @@ def _init_video_tokens(model: CoordTok, bases: CodecBases, layout: Layout) -> No
     """Video tokens: content functionals, and the +A / -A pair in dims 0, 1; the ViT blocks pass
     them through and the memory positions carry each token's grid code."""
     c, enc = model.config, model.encoder
-    n, block, comp, k = layout.n, layout.block, layout.comp, c.latent_channels
+    n, block, k = layout.n, layout.block, c.latent_channels
     gt, gx, gy = layout.grid
     pc, fc, p = layout.cells[1], layout.frames_per_cell, layout.patch  # pc: cells per token side
     conv = enc.video_patch_embed

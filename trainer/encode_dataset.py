@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from coordtok.formats.tokens import plane_shapes
-from coordtok.formats.video import FALLBACK_FPS, CorruptMedia, Geometry, MediaLimits, VideoInfo, check_fps, read_frames
+from coordtok.formats.geometry import Geometry
+from coordtok.formats.video import FALLBACK_FPS, CorruptMedia, MediaLimits, VideoInfo, check_fps, read_frames
 from coordtok.model import CoordTok, Triplane
 from coordtok.model.clips import ClipLayout, policy_for
 from coordtok.model.triplane import from_uint8

@@ -50,7 +50,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from coordtok.formats import tokens
-    from coordtok.formats.video import OUTPUT_FORMATS
+    from coordtok.formats.video_write import OUTPUT_FORMATS
 
     fmt = Path(args.output).suffix.lstrip(".")
     if fmt not in OUTPUT_FORMATS:

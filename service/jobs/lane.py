@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from coordtok.formats import tokens
-from coordtok.formats.video import video_bytes
+from coordtok.formats.video_write import video_bytes
 from coordtok.model import Triplane
 from coordtok.model.clips import policy_for
 from coordtok.model.config import CoordTokConfig

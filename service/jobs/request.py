@@ -10,7 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordtok.formats import tokens
-from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS, OUTPUT_FORMATS
+from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS
+from coordtok.formats.video_write import OUTPUT_FORMATS
 from coordtok.model.transport import SAMPLERS
 
 # Output format -> (file extension, media type) of a job's results: a video, or a token file.

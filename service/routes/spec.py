@@ -3,19 +3,19 @@ themselves, streamed and bounded, declared here so that clients and fuzzers see 
 from __future__ import annotations
 
 from coordtok.formats import tokens
-from coordtok.formats import video as media
+from coordtok.formats import video_write
 from coordtok.service.errors import ERROR_CONTENT
 
-VIDEO_TYPES = {name: f.media_type for name, f in media.OUTPUT_FORMATS.items()}
+VIDEO_TYPES = {name: f.media_type for name, f in video_write.OUTPUT_FORMATS.items()}
 # Query patterns of the answer formats.
-VIDEO_FORMAT = "^(" + "|".join(media.OUTPUT_FORMATS) + ")$"
+VIDEO_FORMAT = "^(" + "|".join(video_write.OUTPUT_FORMATS) + ")$"
 TOKEN_FORMAT = "^(" + "|".join(tokens.FORMATS) + ")$"
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 JSON = {"application/json": {"schema": {"type": "object"}}}
 _MULTIPART = {"multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
                                                  "required": ["file"]}}}
 ENCODE_BODY = {"requestBody": {"required": True, "content": {
-    **{f.media_type: BINARY for f in media.OUTPUT_FORMATS.values() if f.codec}, "application/octet-stream": BINARY,
+    **{f.media_type: BINARY for f in video_write.OUTPUT_FORMATS.values() if f.codec}, "application/octet-stream": BINARY,
     **_MULTIPART,
 }}}
 _PLANE = {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}

@@ -22,6 +22,8 @@ from starlette.concurrency import run_in_threadpool
 
 from coordtok.formats import tokens
 from coordtok.formats import video as media
+from coordtok.formats.geometry import Geometry, check_restorable
+from coordtok.formats.video_write import video_bytes
 from coordtok.formats.video_stream import StreamWriter
 from coordtok.model.clips import ClipLayout, policy_for
 from coordtok.service import uploads
@@ -140,7 +142,7 @@ async def preview(
             raise RequestError(f"the video has {len(video)} frames in the requested time range; "
                                f"first_frame must be below that, not {first_frame}")
         rate = reading.fps or info.fps or media.FALLBACK_FPS
-        payload = await clock.run(request, metrics, "/v1/preview", media.video_bytes, video[first_frame:], rate, format or "mp4")
+        payload = await clock.run(request, metrics, "/v1/preview", video_bytes, video[first_frame:], rate, format or "mp4")
     return Response(payload, media_type=VIDEO_TYPES[format or "mp4"])
 
 
@@ -217,7 +219,7 @@ def _too_many_clips(error: media.TooManyFrames, frames_per_clip: int, max_clips:
             "send a shorter range (start/end) or a lower fps")
 
 
-def _restorable_geometry(meta: tokens.TokenMetadata, config, limits: media.MediaLimits) -> media.Geometry:
+def _restorable_geometry(meta: tokens.TokenMetadata, config, limits: media.MediaLimits) -> Geometry:
     """The resize the tokens' video went through, from their metadata, checked: one that can be
     undone (not a crop), the source size (that of the restored frames) within the media limits,
     the kept region within the frame."""
@@ -231,7 +233,7 @@ def _restorable_geometry(meta: tokens.TokenMetadata, config, limits: media.Media
     if not (0 <= top and 0 <= left and 1 <= h and 1 <= w and top + h <= config.height and left + w <= config.width):
         raise RequestError(f"metadata 'geometry' pad box {list(geometry.pad)} lies outside the {config.height}x{config.width} frames")
     try:
-        media.check_restorable(geometry)
+        check_restorable(geometry)
     except ValueError as error:
         raise RequestError(str(error)) from None
     return geometry

@@ -14,7 +14,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from coordtok.service.app import create_app
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from coordtok.service.settings import Settings
 from tests.deploy.deployment import (
     DASHBOARD, DOCKER, PROMETHEUS_SERIES, mount, dashboard_queries, exported_series, grouping_labels, metric_names, rule_queries,

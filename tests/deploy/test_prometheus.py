@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import yaml
 
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from tests.deploy.deployment import RULES, PROMETHEUS_CONFIG, dashboard_queries, rendered_prometheus_config, with_values
 from tests.service.server_process import free_port, running_server
 from tests.service.test_jobs import save_models

@@ -1,4 +1,5 @@
-"""formats.video: probing, decoding, resizing, time selection, limits, typed errors, encoding."""
+"""formats.video, formats.geometry and formats.video_write: probing, decoding, resizing and restoring,
+time selection, limits, typed errors, encoding."""
 import io
 from fractions import Fraction
 
@@ -6,17 +7,11 @@ import av
 import numpy as np
 import pytest
 
-from coordtok.formats.video import (
-    CorruptMedia,
-    MediaLimits,
-    MediaTooLarge,
-    UnsupportedMedia,
-    iter_frames,
-    plan_geometry,
-    probe,
-    read_frames,
-    write_video,
-)
+from coordtok.formats.geometry import plan_geometry
+
+from coordtok.formats.video import CorruptMedia, MediaLimits, MediaTooLarge, UnsupportedMedia, iter_frames, probe, read_frames
+
+from coordtok.formats.video_write import write_video
 
 
 def ramp_video(frames: int, height: int, width: int) -> np.ndarray:

@@ -6,7 +6,9 @@ import av
 import numpy as np
 import pytest
 
-from coordtok.formats.video import MediaLimits, read_frames, video_bytes
+from coordtok.formats.video import MediaLimits, read_frames
+
+from coordtok.formats.video_write import video_bytes
 from coordtok.formats.video_stream import StreamWriter
 
 

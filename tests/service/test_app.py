@@ -17,7 +17,8 @@ from safetensors.torch import load as load_safetensors
 from coordtok.model import CoordTok, save_model
 from coordtok.service.app import create_app
 from coordtok.service.routes import tokens as routes_tokens
-from coordtok.formats.video import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames
+from coordtok.formats.video_write import write_video
 from coordtok.service.settings import Settings
 from tests.service.test_engine import CONFIG
 from tests.system_tools import require

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from coordtok.model import CoordTok, load_model, load_official, save_model
 from coordtok.service.cli import build_parser, main
 from coordtok.service.commands.roundtrip import SAMPLE_CLIP
-from coordtok.formats.video import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames
+from coordtok.formats.video_write import write_video
 from tests.service.server_process import ROOT, free_port
 from tests.service.test_engine import CONFIG
 

@@ -27,6 +27,8 @@ from fastapi.testclient import TestClient
 from coordtok.model import Triplane
 from coordtok.service import middleware
 from coordtok.formats import video as media
+from coordtok.formats.geometry import plan_geometry, restore_source_size
+from coordtok.formats.video_write import write_video
 from coordtok.service.app import create_app
 from coordtok.formats.tokens import Tokens, plane_shapes, serialise
 from tests.service.server_process import ROOT, peak_growth, server_process
@@ -438,11 +440,11 @@ def test_long_media_encoding_stops_when_asked():
 
     frames = np.zeros((50, 16, 16, 3), np.uint8)
     with pytest.raises(TimeoutError):
-        media.write_video(frames, io.BytesIO(), 25, check_stop=stop_after_three)
-    geometry = media.plan_geometry((32, 32), (16, 16), "stretch")
+        write_video(frames, io.BytesIO(), 25, check_stop=stop_after_three)
+    resized = plan_geometry((32, 32), (16, 16), "stretch")
     with pytest.raises(TimeoutError):
         calls.clear()
-        media.restore_source_size(frames, geometry, check_stop=stop_after_three)
+        restore_source_size(frames, resized, check_stop=stop_after_three)
     assert len(calls) == 4
 
 
@@ -481,7 +483,7 @@ _WRITE_RESULTS = """
 import hashlib, io, json, sys
 import numpy as np, torch
 from coordtok.model import Triplane
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from coordtok.formats.tokens import Tokens, serialise
 frames = np.random.default_rng(0).integers(0, 256, (6, 33, 48, 3), dtype=np.uint8)
 planes = [torch.from_numpy(np.random.default_rng(k).standard_normal((1, 4, 4, 4)).astype(np.float32)) for k in range(3)]

@@ -14,7 +14,8 @@ from coordtok.model.checkpoint import file_sha256
 from coordtok.service.app import create_app
 from coordtok.service.cli import main
 from coordtok.service.jobs import GenerateRequest, JobModels, JobStore
-from coordtok.formats.video import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames
+from coordtok.formats.video_write import write_video
 from coordtok.service.settings import Settings
 from coordtok.formats.tokens import parse
 from tests.service.test_engine import CONFIG

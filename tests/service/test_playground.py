@@ -28,7 +28,8 @@ from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256
 from coordtok.model.triplane import to_uint8
 from coordtok.service.app import create_app
 from coordtok.service.commands.roundtrip import SAMPLE_CLIP
-from coordtok.formats.video import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames
+from coordtok.formats.video_write import write_video
 from coordtok.service.settings import Settings
 from tests.service.server_process import ROOT, running_server
 from tests.service.test_jobs import save_models

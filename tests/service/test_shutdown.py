@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from coordtok.model import CoordTok, save_model
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from tests.service.test_engine import CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]

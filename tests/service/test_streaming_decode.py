@@ -19,7 +19,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from coordtok.formats.tokens import Tokens, parse, plane_shapes, serialise
-from coordtok.formats.video import MediaLimits, plan_geometry, read_frames, restore_source_size, video_bytes
+from coordtok.formats.geometry import plan_geometry, restore_source_size
+from coordtok.formats.video import MediaLimits, read_frames
+from coordtok.formats.video_write import video_bytes
 from coordtok.formats.video_stream import StreamWriter
 from coordtok.model import Triplane
 from coordtok.service.app import create_app

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from coordtok.trainer.data import Augment, VideoClips, list_videos
 
 T, H, W = 8, 32, 32

@@ -9,7 +9,8 @@ import torch
 
 from coordtok.model import CoordTok, CoordTokConfig, save_model
 from coordtok.model.clips import ClipLayout
-from coordtok.formats.video import MediaLimits, read_frames, write_video
+from coordtok.formats.video import MediaLimits, read_frames
+from coordtok.formats.video_write import write_video
 from coordtok.trainer import evaluate as ev
 from coordtok.trainer.lpips import LPIPS
 from coordtok.trainer.metrics import psnr, trilinear_baseline

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from coordtok.model import CoordTok, CoordTokConfig, LatentStats, SiT, generate_triplanes, load_generator, load_model
 from coordtok.model.checkpoint import file_sha256, read_metadata, save_model
 from coordtok.model.generate import flatten, unflatten
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from coordtok.trainer import distributed
 from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from coordtok.trainer.data import VideoClips, list_videos

@@ -11,7 +11,7 @@ import torch
 
 from coordtok.model import load_model
 from coordtok.model.triplane import PLANES
-from coordtok.formats.video import write_video
+from coordtok.formats.video_write import write_video
 from coordtok.trainer import distributed
 from coordtok.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from coordtok.trainer.config import TrainConfig
