@@ -25,8 +25,8 @@ from fastapi.testclient import TestClient
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import print_table, write_json  # noqa: E402
 from coordtok.formats.tokens import Tokens, plane_shapes, serialise  # noqa: E402
-from coordtok.formats.geometry import plan_geometry, restore_source_size# noqa: E402
-from coordtok.formats.video_write import video_bytes# noqa: E402
+from coordtok.formats.geometry import plan_geometry, restore_source_size  # noqa: E402
+from coordtok.formats.video_write import video_bytes  # noqa: E402
 from coordtok.model import Triplane, load_model  # noqa: E402
 from coordtok.model.triplane import to_uint8  # noqa: E402
 from coordtok.service.app import create_app  # noqa: E402

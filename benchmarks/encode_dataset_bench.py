@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, print_table, sync, write_json  # noqa: E402
-from coordtok.formats.video_write import write_video# noqa: E402
+from coordtok.formats.video_write import write_video  # noqa: E402
 from coordtok.model import PRESETS, load_model  # noqa: E402
 from coordtok.model.checkpoint import DEFAULT_WEIGHTS, file_sha256  # noqa: E402
 from coordtok.trainer import distributed  # noqa: E402

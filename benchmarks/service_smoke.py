@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine, write_json  # noqa: E402
-from coordtok.formats.video_write import write_video# noqa: E402
+from coordtok.formats.video_write import write_video  # noqa: E402
 
 
 def free_port() -> int:

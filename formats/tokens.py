@@ -35,7 +35,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from coordtok.formats.geometry import Geometry
-
 from coordtok.formats.video import FALLBACK_FPS, MAX_FPS, MIN_FPS
 from coordtok.model.clips import ClipLayout
 from coordtok.model.config import CoordTokConfig

@@ -30,9 +30,6 @@ import numpy as np
 from av.video.frame import PictureType
 
 from coordtok.formats.video import check_fps
-
-# Muxer options that let each format be written front to back, handing out bytes as it goes.
-
 from coordtok.formats.video_write import OUTPUT_FORMATS, add_video_stream, video_frame
 
 # Muxer options that let each format be written front to back, handing out bytes as it goes.

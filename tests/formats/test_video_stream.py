@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from coordtok.formats.video import MediaLimits, read_frames
-
 from coordtok.formats.video_write import video_bytes
 from coordtok.formats.video_stream import StreamWriter
 
