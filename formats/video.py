@@ -130,6 +130,7 @@ def probe(source: Source, limits: MediaLimits = MediaLimits()) -> VideoInfo:
     """Read the header of `source` (a path or a seekable binary file) and check it against
     `limits`. Raises `UnsupportedMedia`, `CorruptMedia` or `MediaTooLarge`."""
     with _opened(source, limits) as (_, _, info):
+        _check_header(info, limits, info.duration_s)
         return info
 
 
@@ -211,25 +212,41 @@ def _check_size(width: int, height: int, limits: MediaLimits, where: str) -> Non
         )
 
 
-def _check_header(info: VideoInfo, limits: MediaLimits) -> None:
-    """Raise `MediaTooLarge` when the header already exceeds `limits`."""
+def _reach_s(info: VideoInfo, fps: float | None, start_s: float, end_s: float | None, max_frames: int | None) -> float:
+    """How far into the video, in seconds, a read goes by the header: to its end, or to `end_s`,
+    or to where `max_frames` output frames from `start_s` run out, whichever comes first
+    (decoding stops there). 0.0 when the header gives no duration."""
+    reach = info.duration_s if end_s is None else min(info.duration_s, end_s)
+    rate = fps or info.fps
+    if max_frames is not None and rate > 0:
+        reach = min(reach, start_s + max_frames / rate)
+    return reach
+
+
+def _check_header(info: VideoInfo, limits: MediaLimits, reach_s: float) -> None:
+    """Raise `MediaTooLarge` when the header already says that the part read, up to `reach_s`
+    (`_reach_s`; the whole video for `probe`), exceeds `limits`."""
     _check_size(info.width, info.height, limits, "the header says")
-    if info.duration_s > limits.max_duration_s:
+    whole = reach_s >= info.duration_s
+    if reach_s > limits.max_duration_s:
+        read = f"the video lasts {info.duration_s:.1f} s" if whole else f"the part asked for ends at {reach_s:.1f} s"
         raise MediaTooLarge(
-            f"the video lasts {info.duration_s:.1f} s, over the limit of {limits.max_duration_s:g} s; "
-            "cut it into shorter parts"
+            f"{read}, over the limit of {limits.max_duration_s:g} s; cut it into shorter parts or "
+            f"ask for a part that ends by {limits.max_duration_s:g} s"
         )
-    if info.frames > limits.max_frames:
+    frames = info.frames if whole else math.ceil(info.frames * reach_s / info.duration_s)
+    if frames > limits.max_frames:
+        read = f"the video has {frames} frames" if whole else f"the part asked for holds about {frames} frames"
         raise MediaTooLarge(
-            f"the video has {info.frames} frames, over the limit of {limits.max_frames}; "
-            "cut it into shorter parts or lower its frame rate"
+            f"{read}, over the limit of {limits.max_frames}; cut it into shorter parts or lower its frame rate"
         )
 
 
 @contextmanager
 def _opened(source: Source, limits: MediaLimits):
-    """Open `source`, pick its first video stream and check the header: yields (container,
-    stream, info) and closes the container afterwards."""
+    """Open `source`, pick its first video stream and check its streams: yields (container,
+    stream, info) and closes the container afterwards. The caller checks the header's size and
+    length (`_check_header`) against the part it reads."""
     container = _open_container(source, limits)
     try:
         if len(container.streams) > limits.max_streams:
@@ -246,9 +263,7 @@ def _opened(source: Source, limits: MediaLimits):
         if stream.codec_context is None or not stream.codec_context.name:
             raise UnsupportedMedia("the video codec is unknown to FFmpeg (a damaged video stream, or a codec this "
                                    "build cannot decode); re-encode it as H.264")
-        info = _stream_info(container, stream)
-        _check_header(info, limits)
-        yield container, stream, info
+        yield container, stream, _stream_info(container, stream)
     finally:
         container.close()
 
@@ -441,6 +456,7 @@ def iter_frames(
 
 def _iter_frames(source, limits, scaler, fps, start_s, end_s, max_frames, check_stop) -> Iterator[np.ndarray]:
     with _opened(source, limits) as (container, stream, info):
+        _check_header(info, limits, _reach_s(info, fps, start_s, end_s, max_frames))
         yield from _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames,
                            check_stop=check_stop)
 
@@ -464,6 +480,8 @@ def read_frames(
     fps: resample to this rate by timestamp (nearest frame); None keeps the source frames.
     start_s, end_s: the time range [start_s, end_s) in seconds (seeks when start_s > 0).
     max_frames: stop after this many output frames.
+    limits: checked against the part read (the header's duration and frame count up to where
+        `end_s` or `max_frames` stop the decoding), then on every decoded frame.
     frame_limit: refuse (`TooManyFrames`) a request that yields more output frames: from the
         header's frame count before anything is decoded, else at the frame that crosses it.
     check_stop: called before each output frame; what it raises ends the decoding.
@@ -475,6 +493,7 @@ def read_frames(
     _check_request(size, resize, fps, start_s, end_s, max_frames)
     scaler = _Scaler(size, resize)
     with _opened(source, limits) as (container, stream, info):
+        _check_header(info, limits, _reach_s(info, fps, start_s, end_s, max_frames))
         if frame_limit is not None and (declared := _declared_count(info, fps, start_s, end_s)) > frame_limit:
             raise TooManyFrames(declared, frame_limit)
         expected = _expected_count(info, fps, start_s, end_s, max_frames, limits)

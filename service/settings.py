@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_width: int = Field(4096, ge=1)
     max_height: int = Field(4096, ge=1)
-    max_duration_s: float = Field(600.0, gt=0)
-    max_frames: int = Field(20000, ge=1)
+    max_duration_s: float = Field(600.0, gt=0, description="seconds into a video a request may read: a longer "
+                                  "video is read with an `end` by then")
+    max_frames: int = Field(20000, ge=1, description="source frames a request may read")
     max_clips: int = Field(64, ge=1, description="clips per encode or decode request")
     max_streams: int = Field(8, ge=1, description="streams (video, audio, subtitles, ...) in an uploaded file")
     max_decode_pixels: int = Field(1 << 28, ge=1, description="frames x height x width of one /v1/decode answer "

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +142,7 @@ def evaluate(
 
 def _read_video(path: Path, config, limits: MediaLimits, max_frames: int | None) -> tuple[torch.Tensor, float] | str:
     """The video at the model's frame size (uint8 [L, H, W, 3]) and its frame rate, or why it
-    cannot be scored. With `max_frames`, decoding stops there, so the length of the rest (the
-    duration and frame count of `limits`) does not refuse a video."""
-    if max_frames is not None:
-        limits = replace(limits, max_duration_s=math.inf, max_frames=sys.maxsize)
+    cannot be scored. With `max_frames`, `limits` apply to those first frames (`read_frames`)."""
     try:
         frames, info, _ = read_frames(path, limits, size=(config.height, config.width), resize="crop", max_frames=max_frames)
     except MediaError as error:

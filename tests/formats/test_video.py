@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from coordtok.formats.geometry import plan_geometry
-
-from coordtok.formats.video import CorruptMedia, MediaLimits, MediaTooLarge, UnsupportedMedia, iter_frames, probe, read_frames
-
+from coordtok.formats.video import (CorruptMedia, MediaLimits, MediaTooLarge, UnsupportedMedia, iter_frames, probe,
+                                    read_frames)
 from coordtok.formats.video_write import write_video
 
 
@@ -188,6 +187,25 @@ def test_limits_are_enforced_while_decoding_when_the_header_understates(tmp_path
 def test_header_over_the_limits_is_refused_before_decoding(clip, limits):
     with pytest.raises(MediaTooLarge, match="over the limit"):
         probe(clip[0], limits)
+
+
+def test_the_limits_apply_to_the_part_read(clip):
+    """A 2 s, 60-frame clip over limits of 1 s or 40 frames: refused whole, read up to an `end_s` or
+    `max_frames` that stops within them (decoding stops there), refused for a part reaching past."""
+    path, full = clip
+    one_second, forty_frames = MediaLimits(max_duration_s=1.0), MediaLimits(max_frames=40)
+    for limits in (one_second, forty_frames):
+        with pytest.raises(MediaTooLarge, match="over the limit"):
+            read_frames(path, limits)
+        assert np.array_equal(read_frames(path, limits, end_s=1.0)[0], full[:30])
+        assert np.array_equal(read_frames(path, limits, max_frames=20)[0], full[:20])
+    assert len(read_frames(path, one_second, fps=10, max_frames=5)[0]) == 5  # to 0.5 s
+    with pytest.raises(MediaTooLarge, match="the part asked for ends at 1.5 s, over the limit of 1 s"):
+        read_frames(path, one_second, start_s=0.5, end_s=1.5)
+    with pytest.raises(MediaTooLarge, match="the part asked for holds about 45 frames, over the limit of 40"):
+        read_frames(path, forty_frames, end_s=1.5)
+    with pytest.raises(MediaTooLarge, match="the video lasts 2.0 s, over the limit of 1 s"):
+        probe(path, one_second)
 
 
 def test_grayscale_decodes_to_equal_rgb_channels(tmp_path):

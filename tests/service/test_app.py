@@ -233,6 +233,21 @@ def test_resolution_over_the_limit_is_refused_from_the_header(weights):
     assert response.status_code == 413 and "32" in response.json()["error"]["message"]
 
 
+def test_a_video_longer_than_the_limit_is_encoded_in_a_range_that_ends_within_it(weights):
+    """A 3 s upload to a server whose limit is 2 s: refused whole (413, saying how to fix it), and
+    its first 1.6 s (16 frames, two clips) encoded with end=1.6; a range ending past 2 s is refused."""
+    with TestClient(create_app(settings(weights, max_duration_s=2.0))) as c:
+        upload = lambda query: c.post(f"/v1/encode?format=json{query}", content=video_file(30), headers={"content-type": "video/mp4"})
+        whole = upload("")
+        assert whole.status_code == 413
+        assert whole.json()["error"]["message"] == ("the video lasts 3.0 s, over the limit of 2 s; cut it into shorter "
+                                                    "parts or ask for a part that ends by 2 s")
+        part = upload("&end=1.6")
+        assert part.status_code == 200 and part.json()["metadata"]["n_frames"] == [8, 8]
+        past = upload("&start=1&end=2.5")
+        assert past.status_code == 413 and "the part asked for ends at 2.5 s" in past.json()["error"]["message"]
+
+
 def test_a_full_queue_answers_503_with_retry_after(weights):
     app = create_app(settings(weights, max_queue=1))
     body = video_file(8)
