@@ -41,6 +41,14 @@ def setup() -> Distributed:
     return Distributed(rank=rank, world_size=world_size, device=device)
 
 
+def wait_for_all(info: Distributed) -> None:
+    """Return once every process has called this: ranks that finished their work wait for the
+    others (rank 0 exports) before the process group goes, as a gloo rank that destroys its group
+    while another still works can abort at exit ("terminate called without an active exception")."""
+    if info.enabled:
+        dist.barrier()
+
+
 def teardown(info: Distributed) -> None:
     if info.enabled:
         dist.destroy_process_group()

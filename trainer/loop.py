@@ -205,6 +205,7 @@ def main(trainer_cls, config_cls, argv: list[str] | None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         trainer.run()
+        distributed.wait_for_all(dist)
     finally:
         distributed.teardown(dist)
     return 0
