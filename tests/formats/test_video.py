@@ -26,10 +26,14 @@ def encode(path, frames: np.ndarray, fps: float = 30, codec: str = "libx264", pi
            in_format: str = "rgb24", fmt: str | None = None, options: dict | None = None,
            times_ms: list[int] | None = None, container_options: dict | None = None) -> None:
     """Encode `frames` with PyAV directly (codecs and pixel formats write_video does not offer);
-    `times_ms` gives each frame's timestamp for a variable frame rate. One encoder thread: x264's
-    threaded output varies with the machine's load, and tests that cut files need the same bytes."""
+    `times_ms` gives each frame's timestamp for a variable frame rate. Tests that cut files need
+    the same bytes every time, so one encoder thread (x264's threaded output varies with the
+    machine's load) and, for x264, no assembly: on these CI machines its AVX-512 code now and
+    then encodes differently under load (of 1,200 encodes under two busy loops, 15 differed;
+    with AVX2 only or without assembly, none did), as if the virtual machine lost vector state."""
+    x264 = {"x264-params": "asm=0"} if codec == "libx264" else {}
     with av.open(path, "w", format=fmt, options=container_options or {}) as container:
-        stream = container.add_stream(codec, rate=Fraction(fps), options={"threads": "1", **(options or {})})
+        stream = container.add_stream(codec, rate=Fraction(fps), options={"threads": "1", **x264, **(options or {})})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         if times_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)

@@ -105,7 +105,11 @@ def test_a_cancel_sent_to_one_server_stops_the_job_where_it_runs(deployment):
 
 def test_a_server_killed_mid_job_loses_none_of_twelve_jobs_and_they_succeed_once_with_identical_files(deployment):
     """12 jobs, 6 requests each sent to both servers: a job's twin is an independent run of the
-    same request, so every job's files are compared with an uninterrupted run's."""
+    same request, so every job's files are compared with an uninterrupted run's: token files
+    byte for byte; mp4 files too, or, where their bytes differ, by their decoded frames. x264 on
+    these CI machines now and then encodes the same frames differently under load
+    (tests/formats/test_video.py's `encode` says when): a different video differs by tens of
+    levels on average (73 measured), a different encoding of the same one by a fraction of one (0.19)."""
     (a, b), engine, results = deployment
     requests = [{"num_videos": 3, "steps": 60, "seed": 100 + r, "format": "mp4" if r % 2 else "tokens"} for r in range(6)]
     ids = [httpx.post(f"{server.url}/v1/generate", json=body).json()["id"] for body in requests for server in (a, b)]
@@ -130,14 +134,23 @@ def test_a_server_killed_mid_job_loses_none_of_twelve_jobs_and_they_succeed_once
         first, twin = ids[2 * r], ids[2 * r + 1]
         for k in range(3):
             one, two = (httpx.get(f"{b.url}/v1/jobs/{job_id}/results/{k}").content for job_id in (first, twin))
-            assert one == two, (f"request {r}, video {k} differs ({difference(one, two)}); finished on {ran_on[first]} and "
-                                f"{ran_on[twin]} after {jobs[first]['attempts']} and {jobs[twin]['attempts']} attempts, killed {killed}")
+            mean_change = None if one == two or requests[r]["format"] != "mp4" else decoded_change(one, two)
+            assert one == two if mean_change is None else mean_change < 2, (
+                f"request {r}, video {k} differs ({difference(one, two)}); finished on {ran_on[first]} and "
+                f"{ran_on[twin]} after {jobs[first]['attempts']} and {jobs[twin]['attempts']} attempts, killed {killed}")
 
 
 def succeeded_on(server: Server) -> list[str]:
     """Ids of the jobs that `server` logged as succeeded."""
     records = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
     return [record["job_id"] for record in records if record["message"] == "job finished" and record["status"] == "succeeded"]
+
+
+def decoded_change(one: bytes, two: bytes) -> float:
+    """The mean absolute difference of the decoded frames of two mp4 files of one shape (inf when
+    they are not)."""
+    frames = [read_frames(io.BytesIO(data))[0].astype(float) for data in (one, two)]
+    return float(np.abs(frames[0] - frames[1]).mean()) if frames[0].shape == frames[1].shape else float("inf")
 
 
 def difference(one: bytes, two: bytes) -> str:
