@@ -45,6 +45,16 @@ def encode(path, frames: np.ndarray, fps: float = 30, codec: str = "libx264", pi
         container.mux(stream.encode(None))
 
 
+def same_video(one: bytes, two: bytes) -> bool:
+    """Whether two video files hold the same frames as far as x264 repeats itself: the same bytes,
+    or, where their bytes differ (see `encode`), decoded frames within 2 levels of each other on
+    average (two encodes of the same frames: 0.19 measured; another video: tens)."""
+    if one == two:
+        return True
+    frames = [read_frames(io.BytesIO(data))[0].astype(float) for data in (one, two)]
+    return frames[0].shape == frames[1].shape and float(np.abs(frames[0] - frames[1]).mean()) < 2
+
+
 def frame_means(video: np.ndarray) -> np.ndarray:
     return video.reshape(len(video), -1).mean(axis=1)
 
