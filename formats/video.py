@@ -130,7 +130,6 @@ def probe(source: Source, limits: MediaLimits = MediaLimits()) -> VideoInfo:
     """Read the header of `source` (a path or a seekable binary file) and check it against
     `limits`. Raises `UnsupportedMedia`, `CorruptMedia` or `MediaTooLarge`."""
     with _opened(source, limits) as (_, _, info):
-        _check_header(info, limits, info.duration_s)
         return info
 
 
@@ -225,7 +224,7 @@ def _reach_s(info: VideoInfo, fps: float | None, start_s: float, end_s: float | 
 
 def _check_header(info: VideoInfo, limits: MediaLimits, reach_s: float) -> None:
     """Raise `MediaTooLarge` when the header already says that the part read, up to `reach_s`
-    (`_reach_s`; the whole video for `probe`), exceeds `limits`."""
+    (`_reach_s`), exceeds `limits`."""
     _check_size(info.width, info.height, limits, "the header says")
     whole = reach_s >= info.duration_s
     if reach_s > limits.max_duration_s:
@@ -243,10 +242,11 @@ def _check_header(info: VideoInfo, limits: MediaLimits, reach_s: float) -> None:
 
 
 @contextmanager
-def _opened(source: Source, limits: MediaLimits):
-    """Open `source`, pick its first video stream and check its streams: yields (container,
-    stream, info) and closes the container afterwards. The caller checks the header's size and
-    length (`_check_header`) against the part it reads."""
+def _opened(source: Source, limits: MediaLimits, fps: float | None = None, start_s: float = 0.0,
+            end_s: float | None = None, max_frames: int | None = None):
+    """Open `source`, pick its first video stream and check the header against `limits` for the
+    part read (`read_frames`' fps, start_s, end_s and max_frames; by default the whole video):
+    yields (container, stream, info) and closes the container afterwards."""
     container = _open_container(source, limits)
     try:
         if len(container.streams) > limits.max_streams:
@@ -263,7 +263,9 @@ def _opened(source: Source, limits: MediaLimits):
         if stream.codec_context is None or not stream.codec_context.name:
             raise UnsupportedMedia("the video codec is unknown to FFmpeg (a damaged video stream, or a codec this "
                                    "build cannot decode); re-encode it as H.264")
-        yield container, stream, _stream_info(container, stream)
+        info = _stream_info(container, stream)
+        _check_header(info, limits, _reach_s(info, fps, start_s, end_s, max_frames))
+        yield container, stream, info
     finally:
         container.close()
 
@@ -455,8 +457,7 @@ def iter_frames(
 
 
 def _iter_frames(source, limits, scaler, fps, start_s, end_s, max_frames, check_stop) -> Iterator[np.ndarray]:
-    with _opened(source, limits) as (container, stream, info):
-        _check_header(info, limits, _reach_s(info, fps, start_s, end_s, max_frames))
+    with _opened(source, limits, fps, start_s, end_s, max_frames) as (container, stream, info):
         yield from _frames(container, stream, info, limits, scaler, fps, start_s, end_s, max_frames,
                            check_stop=check_stop)
 
@@ -492,8 +493,7 @@ def read_frames(
     """
     _check_request(size, resize, fps, start_s, end_s, max_frames)
     scaler = _Scaler(size, resize)
-    with _opened(source, limits) as (container, stream, info):
-        _check_header(info, limits, _reach_s(info, fps, start_s, end_s, max_frames))
+    with _opened(source, limits, fps, start_s, end_s, max_frames) as (container, stream, info):
         if frame_limit is not None and (declared := _declared_count(info, fps, start_s, end_s)) > frame_limit:
             raise TooManyFrames(declared, frame_limit)
         expected = _expected_count(info, fps, start_s, end_s, max_frames, limits)

@@ -257,7 +257,8 @@ def encode_dataset(root: str | Path, out: str | Path, tokenizer: Tokenizer, opti
     out.mkdir(parents=True, exist_ok=True)
 
     sources = [source for spec in todo for source in spec.sources]
-    loader = DataLoader(VideoFiles(root, sources, model, options.fps, options.limits), batch_size=None, num_workers=options.workers)
+    loader = DataLoader(VideoFiles(root, sources, model, options.fps, options.limits), batch_size=None,
+                        num_workers=options.workers)
     bar = tqdm(total=len(sources), unit="video", dynamic_ncols=True, disable=not (options.progress and dist.is_main),
                desc=f"{len(todo)} shard(s)" + (f" of rank 0 (of {dist.world_size})" if dist.enabled else ""))
     videos: Iterator[DecodedVideo] = iter(loader)

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lpips-backbone", type=Path, help="torchvision's vgg16-397923af.pth")
     parser.add_argument("--lpips-linear", type=Path, help="the lpips package's weights/v0.1/vgg.pth")
     parser.add_argument("--max-clips", type=int, default=None)
-    parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video (then a longer video is not refused for its length)")
+    parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of each video (the media limits then apply to those)")
     parser.add_argument("--clip-policy", choices=POLICIES, default=None, help="default: the model's (model/clips.py)")
     parser.add_argument("--batch", type=int, default=4, help="clips per encode/decode call")
     parser.add_argument("--refine-steps", type=int, default=0,

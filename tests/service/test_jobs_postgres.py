@@ -5,7 +5,6 @@ once its lease runs out and generates only the missing videos, every job succeed
 and its files equal those of an uninterrupted run of the same request."""
 from __future__ import annotations
 
-import io
 import json
 import signal
 import threading
@@ -16,12 +15,11 @@ from pathlib import Path
 from subprocess import Popen
 
 import httpx
-import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from coordtok.formats.video import MediaError, read_frames
-from tests.formats.test_video import same_video
+from coordtok.formats.video import MediaError
+from tests.formats.test_video import decoded_change, same_video
 from tests.service.postgres_cluster import fresh_database, private_cluster
 from tests.service.server_process import free_port, server_process
 from tests.service.test_jobs_ownership import serve
@@ -149,10 +147,10 @@ def succeeded_on(server: Server) -> list[str]:
 def difference(one: bytes, two: bytes) -> str:
     """What differs between two mp4 results that should be equal: their frames, or only their bytes."""
     try:
-        frames = [read_frames(io.BytesIO(data))[0].astype(int) for data in (one, two)]
+        changed = decoded_change(one, two)
     except MediaError as error:
         return f"not two readable videos: {error}"
-    if frames[0].shape != frames[1].shape:
-        return f"frames {frames[0].shape} against {frames[1].shape}"
-    changed = np.abs(frames[0] - frames[1])
-    return f"{int((changed > 0).sum())} of {changed.size} decoded values differ, by at most {int(changed.max())}"
+    except ValueError as error:
+        return str(error)
+    return (f"{int((changed > 0).sum())} of {changed.size} decoded values differ, by {changed.mean():.2f} on average "
+            f"and at most {int(changed.max())}")
